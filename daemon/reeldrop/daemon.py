@@ -1,0 +1,200 @@
+"""The daemon: ``serve()`` is start-up → main loop → shutdown, and ``run()`` wraps it.
+
+Tasks are owned by one TaskGroup: ``concurrency`` workers (jobs in flight), the intake loop
+(scan → claim → accept → queue), the watcher pump (hints), and the heartbeat (sd_notify). Signal
+handlers only set flags. On the first SIGTERM/SIGINT intake stops; workers in the middle of a
+create call or a download get ``shutdown_grace_s`` to finish it; everything else is cancelled
+at once, which is safe because every step is persisted before the next begins. A second
+signal skips the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+
+from . import log, watcher
+from .config import Config
+from .intake import Intake
+from .notify import Notifier
+from .runner import Runner
+from .scheduler import SubmitGate
+from .sidecar import TERMINAL
+from .spool import JobRun, Spool
+from .veo import VeoClient
+from .writer import PARTIAL_DIR
+
+
+class Daemon:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        inbox, outbox = config.require_dirs()
+        self.spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+        self.intake = Intake(config, self.spool)
+        self.scanner = watcher.InboxScanner(inbox, config.settle_s, config.max_job_bytes)
+        self.notifier = notifier or Notifier()
+        self.queue: asyncio.Queue[tuple[JobRun, int]] = asyncio.Queue()
+        self.counts = {"done": 0, "failed": 0, "busy": 0}
+        self.critical: set[asyncio.Task[object]] = set()
+        self.should_exit = asyncio.Event()
+        self.force_exit = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.stop_watching = asyncio.Event()
+
+    def run(self) -> int:
+        return asyncio.run(self.serve())
+
+    async def serve(self) -> int:
+        self.install_signal_handlers()
+        recovered = await self.startup()
+        connector = aiohttp.TCPConnector(limit=self.config.concurrency * 2 + 4,
+                                         ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = VeoClient(session, self.config)
+            gate = SubmitGate(self.config.submissions_per_minute)
+            self.runner = Runner(self.config, client, self.spool, gate, self.critical)
+            async with asyncio.TaskGroup() as tg:
+                workers = [tg.create_task(self.worker()) for _ in range(self.config.concurrency)]
+                helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
+                await asyncio.sleep(0.05)  # let awatch set up before the first scan (see watcher)
+                helpers.append(tg.create_task(self.intake_loop()))
+                await self.main_loop(recovered)
+                await self.shutdown(workers, helpers)
+        self.notifier.close()
+        return 0
+
+    async def startup(self) -> int:
+        """Prepare directories, then re-queue what a previous run left claimed."""
+        self.spool.prepare()
+        runs = await asyncio.to_thread(self.spool.recover)
+        live_ids = {run.job_id for run in runs}
+        partial_dir = self.spool.outbox / PARTIAL_DIR
+        if partial_dir.is_dir():
+            for p in partial_dir.iterdir():  # partials of jobs that ended elsewhere are garbage
+                parts = p.name.split(".")
+                if len(parts) < 5 or parts[-4] not in live_ids:
+                    p.unlink(missing_ok=True)
+        for run in runs:
+            if not run.members:
+                await asyncio.to_thread(self.intake.accept, run)
+            self.intake.adopt(run)
+            self.enqueue(run)
+        log.get().info("daemon.started", inbox=str(self.spool.inbox),
+                       outbox=str(self.spool.outbox), recovered=len(runs),
+                       base_url=self.config.base_url, concurrency=self.config.concurrency)
+        return len(runs)
+
+    async def main_loop(self, recovered: int) -> None:
+        await self.ready.wait()
+        self.notifier.send("READY=1", f"STATUS={self.summary()}")
+        log.get().info("daemon.ready", recovered=recovered)
+        await self.should_exit.wait()
+
+    async def shutdown(self, workers: list[asyncio.Task[None]],
+                       helpers: list[asyncio.Task[None]]) -> None:
+        self.notifier.send("STOPPING=1")
+        self.stop_watching.set()
+        for task in helpers:
+            task.cancel()
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        while self.critical and time.monotonic() < deadline and not self.force_exit.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.force_exit.wait(), 0.05)
+        interrupted = len(self.critical)
+        for task in workers:
+            task.cancel()
+        log.get().info("daemon.stopped", in_flight=self.counts["busy"],
+                       interrupted=interrupted, queued=self.queue.qsize(),
+                       done=self.counts["done"], failed=self.counts["failed"])
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+
+    def handle_exit(self, sig: signal.Signals) -> None:
+        if self.should_exit.is_set():
+            self.force_exit.set()
+        self.should_exit.set()
+
+    def enqueue(self, run: JobRun) -> None:
+        for member in run.members:
+            if member.state not in TERMINAL:
+                self.queue.put_nowait((run, member.index))
+        if run.all_done:
+            self._finish(run)
+
+    def _finish(self, run: JobRun) -> None:
+        for member in run.members:
+            self.counts["done" if member.state == "succeeded" else "failed"] += 1
+        target = self.spool.finish(run)
+        log.get().info("job.archived", job_id=run.job_id, to=str(target.parent.name))
+
+    async def worker(self) -> None:
+        while True:
+            run, index = await self.queue.get()
+            if self.queue.qsize() < self.config.queue_max // 2:
+                self.wake.set()  # intake may have paused at queue_max
+            self.counts["busy"] += 1
+            try:
+                member = await self.runner.run(run, index)
+            finally:
+                self.counts["busy"] -= 1
+            self.intake.release(member)
+            if run.all_done:
+                await asyncio.shield(asyncio.to_thread(self._finish, run))
+
+    async def intake_loop(self) -> None:
+        while True:
+            self.wake.clear()
+            scan = await asyncio.to_thread(self.scanner.scan)
+            for path in scan.ready:
+                if self.should_exit.is_set() or self.queue.qsize() >= self.config.queue_max:
+                    break
+                run = await asyncio.to_thread(self._claim_and_accept, path)
+                if run is not None:
+                    self.enqueue(run)
+            self.ready.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), scan.next_check_s or self.config.rescan_s)
+
+    def _claim_and_accept(self, path: Path) -> JobRun | None:
+        try:
+            run = self.spool.claim(path)
+        except OSError as e:
+            log.get().error("intake.claim_failed", name=path.name, error=e.strerror)
+            return None
+        if run is None:
+            return None
+        log.get().info("job.claimed", job_id=run.job_id, source=run.source)
+        try:
+            self.intake.accept(run)
+        except Exception:  # e.g. the outbox is gone: keep the claim, retry at the next start
+            log.get().exception("intake.accept_failed", job_id=run.job_id, source=run.source)
+            return None
+        return run
+
+    async def watch(self) -> None:
+        await watcher.pump(
+            self.spool.inbox, self.wake, self.stop_watching, rescan_s=self.config.rescan_s,
+            step_ms=self.config.watch_step_ms, force_polling=self.config.poll,
+            poll_delay_ms=self.config.poll_delay_ms)
+
+    async def heartbeat(self) -> None:
+        interval = min(self.notifier.watchdog_s or 2.0, 2.0)
+        while True:
+            if self.notifier.watchdog_s is not None:
+                self.notifier.send("WATCHDOG=1")
+            self.notifier.status(self.summary())
+            await asyncio.sleep(interval)
+
+    def summary(self) -> str:
+        c = self.counts
+        return (f"{c['busy']} in flight, {self.queue.qsize()} queued, "
+                f"{c['done']} done, {c['failed']} failed")

@@ -1,0 +1,138 @@
+"""Intake: from a claimed job file to queued members with reserved output names.
+
+A bad file never stops anything: it becomes one ``failed`` sidecar with a sentence saying what
+to fix, and its bytes stay in ``failed/<job_id>/``. Output names are reserved so that no job
+silently overwrites another's video: a name whose video or live sidecar exists gets a suffix
+(``NAME.2``, ``NAME.3``, …); a name whose last job failed with no video is reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import msgspec
+
+from . import jobs, log, sidecar
+from .config import Config
+from .errors import InvalidJob, OutputError
+from .sidecar import Sidecar, now
+from .spool import JobRun, Spool
+
+MAX_SUFFIX = 1000
+
+
+def read_job_file(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, refusing links, non-regular files and files over ``max_bytes``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidJob(f"{path.name} is a symbolic link; reeldrop does not follow links, "
+                             "so drop the file itself.") from None
+        raise InvalidJob(f"{path.name} cannot be read: {e.strerror}.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidJob(f"{path.name} is not a regular file.")
+        if st.st_size > max_bytes:
+            raise InvalidJob(f"{path.name} is {st.st_size} bytes; job files may be at most "
+                             f"{max_bytes} bytes (max_job_bytes).")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InvalidJob(f"{path.name} grew past {max_bytes} bytes (max_job_bytes).")
+        return data
+    finally:
+        os.close(fd)
+
+
+class Intake:
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.reserved: set[str] = set()  # output names of members in flight
+
+    def release(self, member: Sidecar) -> None:
+        self.reserved.discard(member.output)
+
+    def accept(self, run: JobRun) -> list[Sidecar]:
+        """Parse a freshly claimed (or half-accepted) job; persist its members; return them."""
+        try:
+            data = read_job_file(run.source_path, self.config.max_job_bytes)
+            members = jobs.parse(run.source, data, self.config)
+        except InvalidJob as e:
+            self._reject(run, e)
+            return run.members
+        stamp = now()
+        batch = jobs.default_stem(run.source) if len(members) > 1 else None
+        run.members = []
+        for index, m in enumerate(members, start=1):
+            draft = Sidecar(
+                job_id=run.job_id, output=m.output, source=run.source, batch=batch,
+                index=index, prompt=m.prompt, model=m.model, parameters=m.parameters,
+                created_at=stamp, updated_at=stamp, metadata=m.metadata,
+            )
+            run.members.append(self._publish_first(run, draft))
+        log.get().info("job.accepted", job_id=run.job_id, source=run.source,
+                       members=len(run.members))
+        return run.members
+
+    def adopt(self, run: JobRun) -> None:
+        """Recovery: keep the names of members a previous run already published."""
+        self.reserved.update(m.output for m in run.members if not m.done)
+
+    def _reject(self, run: JobRun, error: InvalidJob) -> None:
+        stamp = now()
+        failed = Sidecar(
+            job_id=run.job_id, output=jobs.default_stem(run.source), source=run.source,
+            prompt="", model="", created_at=stamp, updated_at=stamp,
+        ).moved("failed", error=error.info())
+        run.members = [self._publish_first(run, failed)]
+        self.release(run.members[0])
+        log.get().error("job.invalid", job_id=run.job_id, source=run.source, error=error.message)
+
+    def _publish_first(self, run: JobRun, draft: Sidecar) -> Sidecar:
+        """Reserve a free output name for ``draft`` and publish it there, never clobbering."""
+        for n in range(1, MAX_SUFFIX + 1):
+            name = draft.output if n == 1 else f"{draft.output}.{n}"
+            if name in self.reserved:
+                continue
+            owner = _name_owner(self.spool.outbox, name, run.job_id)
+            if isinstance(owner, str):
+                continue
+            candidate = draft if n == 1 else _renamed(draft, name)
+            mine = owner is not None and owner.job_id == run.job_id
+            try:
+                self.spool.save(run, candidate, exclusive=owner is None)
+            except FileExistsError:
+                continue  # another daemon took the name a moment ago
+            except OSError as e:
+                raise OutputError(f"Cannot write the sidecar {name}.json: {e.strerror}.") from None
+            if not mine and n > 1:
+                log.get().info("job.output_renamed", job_id=run.job_id, wanted=draft.output,
+                               output=name)
+            self.reserved.add(name)
+            return candidate
+        raise OutputError(f"No free output name for {draft.output!r} after {MAX_SUFFIX} tries.")
+
+
+def _renamed(draft: Sidecar, name: str) -> Sidecar:
+    return msgspec.structs.replace(draft, output=name)
+
+
+def _name_owner(outbox: Path, name: str, job_id: str) -> Sidecar | None | str:
+    """None if the name is free; the sidecar if it may be reused; "taken" otherwise."""
+    path = sidecar.path_for(outbox, name)
+    if (outbox / f"{name}.mp4").exists() or (outbox / f"{name}-1.mp4").exists():
+        return "taken"
+    if not path.exists() and not path.is_symlink():
+        return None
+    current = sidecar.read(path)
+    if current is not None and current.job_id == job_id:
+        return current  # ours: a previous run published it before a crash
+    if current is not None and current.state == "failed" and not current.videos:
+        return current  # a failed job left no video: the name is free to try again
+    return "taken"

@@ -1,0 +1,166 @@
+"""One member's life: submit → poll → download → succeeded (or failed, with a reason).
+
+Each step is persisted before the next begins, so a restart resumes where the crash left off:
+a member with an operation name is polled, never submitted again. The only ambiguous moment is
+a crash after the create call was sent and before its answer was stored (state ``submitting``
+with no ``operation``); ``resubmit_unconfirmed`` decides whether such a member is submitted
+again (default, logged as ``job.resubmit_unconfirmed``) or failed with an explanation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from . import log, retry
+from .config import Config
+from .errors import APIError, GenerationFailed, GenerationTimeout, ReeldropError, describe
+from .jobs import Member
+from .scheduler import SubmitGate, poll_delay
+from .sidecar import Sidecar, now
+from .spool import JobRun, Spool
+from .veo import VeoClient, video_uris
+from .writer import PARTIAL_DIR, VideoFile, download_video
+
+
+def _age_s(stamp: str | None) -> float:
+    if stamp is None:
+        return 0.0
+    return max(0.0, time.time() - datetime.fromisoformat(stamp).timestamp())
+
+
+class Runner:
+    def __init__(self, config: Config, client: VeoClient, spool: Spool, gate: SubmitGate,
+                 critical: set[asyncio.Task[object]] | None = None):
+        self.config, self.client, self.spool, self.gate = config, client, spool, gate
+        self.critical = critical if critical is not None else set()
+
+    @contextlib.contextmanager
+    def _critical(self) -> Iterator[None]:
+        """Mark a step that shutdown should let finish (a create call, a download)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.critical.add(task)
+        try:
+            yield
+        finally:
+            self.critical.discard(task)
+
+    async def run(self, run: JobRun, index: int) -> Sidecar:
+        """Drive one member to a terminal state and return it. Cancellation keeps it resumable."""
+        with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
+            return await self._run(run, index)
+
+    async def _run(self, run: JobRun, index: int) -> Sidecar:
+        member = run.members[index - 1]
+        logger = log.get()
+        started = time.monotonic()
+        try:
+            if member.operation is None:
+                member = await self._submit(run, member, logger)
+            uris = await self._await_done(run, member)
+            member = member.moved("downloading")
+            await self.spool.update(run, member)
+            videos = await self._download(run, member, uris)
+            member = member.moved("succeeded", videos=videos, error=None)
+        except asyncio.CancelledError:
+            raise
+        except ReeldropError as e:
+            member = run.members[index - 1].moved("failed", error=e.info())
+        except Exception as e:  # a bug must fail this job, not the daemon
+            logger.exception("job.internal_error")
+            member = run.members[index - 1].moved("failed", error=describe(e))
+        await asyncio.shield(self.spool.update(run, member))
+        logger.info(
+            "job.finished", state=member.state, attempts=member.attempts,
+            seconds=round(time.monotonic() - started, 3),
+            bytes=sum(v.bytes for v in member.videos), operation=member.operation,
+            error=member.error.message if member.error else None,
+        )
+        return member
+
+    async def _submit(self, run: JobRun, member: Sidecar, logger: log.Logger) -> Sidecar:
+        if member.state == "submitting":
+            if not self.config.resubmit_unconfirmed:
+                raise GenerationFailed(
+                    "The daemon stopped while this job's create call was in flight, so the "
+                    "service may or may not have started it; drop the file again to retry.")
+            logger.warning("job.resubmit_unconfirmed", attempts=member.attempts)
+        current = member
+        request = Member(prompt=member.prompt, model=member.model,
+                         parameters=member.parameters, output=member.output)
+
+        async def before_try() -> None:
+            nonlocal current
+            await self.gate.wait_turn()
+            current = current.moved("submitting", attempts=current.attempts + 1)
+            await self.spool.update(run, current)  # the try counts even if we crash in it
+
+        async def create() -> str:
+            nonlocal current
+            with self._critical():  # shutdown lets the call finish and its answer be stored
+                try:
+                    operation = await self.client.create(request)
+                except APIError as e:
+                    if e.status == 429:
+                        self.gate.throttled(e.retry_after_s)
+                    raise
+                current = current.moved("generating", operation=operation, submitted_at=now())
+                # Durable before anything else happens: a restart polls it, never resubmits.
+                await asyncio.shield(self.spool.update(run, current))
+            return operation
+
+        await retry.call(
+            create, tries=self.config.create_tries, base_s=self.config.retry_base_s,
+            cap_s=self.config.retry_cap_s, phase="create", before_try=before_try)
+        self.gate.accepted()
+        assert current.operation is not None
+        logger.info("job.submitted", operation=current.operation, attempts=current.attempts)
+        return current
+
+    async def _await_done(self, run: JobRun, member: Sidecar) -> list[str]:
+        assert member.operation is not None
+        operation = member.operation
+        deadline_s = self.config.poll_deadline_s
+        await asyncio.sleep(max(0.0, self.config.poll_initial_s - _age_s(member.submitted_at)))
+        while True:
+            try:
+                op = await retry.call(
+                    lambda: self.client.poll(operation), tries=self.config.poll_error_tries,
+                    base_s=self.config.retry_base_s, cap_s=self.config.retry_cap_s, phase="poll")
+            except APIError as e:
+                if e.status == 404:
+                    raise GenerationFailed(
+                        f"The service no longer knows operation {operation} (404); operations "
+                        "and their videos are kept for 2 days.") from None
+                raise
+            if op.done:
+                return video_uris(op)
+            elapsed = _age_s(member.submitted_at)
+            if elapsed > deadline_s:
+                raise GenerationTimeout(
+                    f"The operation did not finish within {deadline_s:g} s (poll_deadline_s); "
+                    f"it may still finish on the service as {operation}.")
+            await asyncio.sleep(min(poll_delay(elapsed, self.config), deadline_s - elapsed + 0.01))
+
+    async def _download(self, run: JobRun, member: Sidecar, uris: list[str]) -> list[VideoFile]:
+        outbox = self.spool.outbox
+        partial_dir = outbox / PARTIAL_DIR
+        partial_dir.mkdir(mode=self.config.dir_mode, exist_ok=True)
+        videos: list[VideoFile] = []
+        for i, uri in enumerate(uris, start=1):
+            name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"
+            partial = partial_dir / f"{member.output}.{run.job_id}.{i}.mp4.part"
+            videos.append(await self._download_one(uri, partial, outbox / name))
+        return videos
+
+    async def _download_one(self, uri: str, partial: Path, final: Path) -> VideoFile:
+        with self._critical():
+            return await retry.call(
+                lambda: download_video(self.client, uri, partial, final, self.config.file_mode),
+                tries=self.config.download_tries, base_s=self.config.retry_base_s,
+                cap_s=self.config.retry_cap_s, phase="download")

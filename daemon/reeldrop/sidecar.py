@@ -1,0 +1,110 @@
+"""The sidecar: the public status file ``outbox/NAME.json`` beside each video.
+
+One schema serves twice: it is the document other programs watch, and (as ``member-NNNN.json``
+in the spool) the daemon's own durable record of the member, so recovery reads exactly what
+consumers read. Every field is documented in the README; treat it as a public interface.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import ErrorInfo
+from .writer import VideoFile, atomic_write
+
+State = Literal["queued", "submitting", "generating", "downloading", "succeeded", "failed"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
+BATCH_SUFFIX = ".batch.json"
+
+
+def now() -> str:
+    """RFC 3339 UTC timestamp with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Sidecar(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Status of one video job. Replaced atomically at every state change."""
+
+    job_id: str
+    output: str
+    source: str
+    batch: str | None = None
+    index: int = 1
+    state: State = "queued"
+    prompt: str
+    model: str
+    parameters: dict[str, Any] = {}
+    operation: str | None = None
+    attempts: int = 0
+    created_at: str
+    submitted_at: str | None = None
+    updated_at: str
+    finished_at: str | None = None
+    videos: list[VideoFile] = []
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def moved(self, state: State, **changes: Any) -> Sidecar:
+        """A copy in ``state``, stamped; terminal states also get ``finished_at``."""
+        stamp = now()
+        if state in TERMINAL:
+            changes.setdefault("finished_at", stamp)
+        return msgspec.structs.replace(self, state=state, updated_at=stamp, **changes)
+
+
+class BatchSummary(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``outbox/STEM.batch.json`` for a job file that holds a list of jobs."""
+
+    job_id: str
+    source: str
+    total: int
+    succeeded: int
+    failed: int
+    members: list[str]
+    updated_at: str
+
+
+_encoder = msgspec.json.Encoder()
+decode_sidecar = msgspec.json.Decoder(Sidecar).decode
+
+
+def encode(doc: msgspec.Struct) -> bytes:
+    return _encoder.encode(doc) + b"\n"
+
+
+def path_for(outbox: Path, output: str) -> Path:
+    return outbox / f"{output}.json"
+
+
+def read(path: Path) -> Sidecar | None:
+    """The sidecar at ``path``, or None if it is missing or not ours to read."""
+    try:
+        return decode_sidecar(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def publish(outbox: Path, sidecar: Sidecar, mode: int, *, exclusive: bool = False) -> None:
+    """Write the public sidecar (``exclusive``: only if the name is still free)."""
+    atomic_write(path_for(outbox, sidecar.output), encode(sidecar), mode, exclusive=exclusive)
+
+
+def write_batch(outbox: Path, stem: str, members: list[Sidecar], mode: int) -> None:
+    summary = BatchSummary(
+        job_id=members[0].job_id,
+        source=members[0].source,
+        total=len(members),
+        succeeded=sum(m.state == "succeeded" for m in members),
+        failed=sum(m.state == "failed" for m in members),
+        members=[m.output for m in members],
+        updated_at=now(),
+    )
+    atomic_write(outbox / f"{stem}{BATCH_SUFFIX}", encode(summary), mode)

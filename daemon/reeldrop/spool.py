@@ -1,0 +1,171 @@
+"""The spool: claimed jobs on disk, so that a claim is atomic and survives a crash.
+
+Layout (``INBOX/.reeldrop`` unless ``state_dir`` says otherwise; it must share the inbox's
+filesystem so that a claim is one ``rename()``)::
+
+    jobs/<job_id>/NAME.json|NAME.prompt   the original bytes, moved here by the claim
+    jobs/<job_id>/member-0001.json        each member's durable state (the sidecar schema)
+    done/<job_id>/                        finished jobs, kept
+    failed/<job_id>/                      jobs with a failed member, kept for inspection/retry
+
+A directory's place is its state: moving it is one atomic rename, like Postfix's queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import log, sidecar
+from .errors import ConfigError
+from .sidecar import Sidecar
+from .writer import atomic_write, fsync_dir
+
+MEMBER_PREFIX = "member-"
+
+
+def new_job_id() -> str:
+    """Sortable by claim time, unique across daemons sharing the inbox."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+@dataclass
+class JobRun:
+    """A claimed job in memory: its directory and the latest state of each member."""
+
+    job_id: str
+    directory: Path
+    source: str
+    members: list[Sidecar] = field(default_factory=list)
+    batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def source_path(self) -> Path:
+        return self.directory / self.source
+
+    @property
+    def is_batch(self) -> bool:
+        return len(self.members) > 1 or self.members[0].batch is not None
+
+    @property
+    def all_done(self) -> bool:
+        return all(m.done for m in self.members)
+
+
+class Spool:
+    def __init__(self, root: Path, inbox: Path, outbox: Path, file_mode: int, dir_mode: int):
+        self.root, self.inbox, self.outbox = root, inbox, outbox
+        self.file_mode, self.dir_mode = file_mode, dir_mode
+        self.jobs, self.done, self.failed = root / "jobs", root / "done", root / "failed"
+
+    def prepare(self) -> None:
+        """Create the directories and check that claims can be atomic renames."""
+        for d in (self.inbox, self.outbox, self.root, self.jobs, self.done, self.failed):
+            try:
+                d.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"Cannot create {d}: {e.strerror}.") from None
+        if self.root.stat().st_dev != self.inbox.stat().st_dev:
+            raise ConfigError(
+                f"The state directory {self.root} is not on the inbox's filesystem; "
+                "claims must be atomic renames. Put it inside or beside the inbox."
+            )
+
+    def claim(self, path: Path) -> JobRun | None:
+        """Move one inbox file into a new job directory; None if someone else took it first."""
+        job_id = new_job_id()
+        directory = self.jobs / job_id
+        directory.mkdir(mode=self.dir_mode)
+        try:
+            os.rename(path, directory / path.name)
+        except FileNotFoundError:
+            directory.rmdir()
+            return None
+        except OSError:
+            directory.rmdir()
+            raise
+        fsync_dir(directory)
+        fsync_dir(self.inbox)
+        return JobRun(job_id=job_id, directory=directory, source=path.name)
+
+    def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False) -> None:
+        """Persist a member: spool record first (the truth), then the public sidecar."""
+        path = run.directory / f"{MEMBER_PREFIX}{member.index:04d}.json"
+        atomic_write(path, sidecar.encode(member), self.file_mode)
+        sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
+
+    async def update(self, run: JobRun, member: Sidecar) -> None:
+        """Record a member's new state in memory and on disk (off the event loop)."""
+        run.members[member.index - 1] = member
+        await asyncio.to_thread(self.save, run, member)
+        if run.is_batch and member.done:
+            async with run.batch_lock:
+                snapshot = list(run.members)
+                await asyncio.to_thread(
+                    sidecar.write_batch, self.outbox, snapshot[0].batch or run.job_id, snapshot,
+                    self.file_mode,
+                )
+
+    def finish(self, run: JobRun) -> Path:
+        """Move a job whose members are all terminal to done/ or failed/."""
+        failed = any(m.state == "failed" for m in run.members) or not run.members
+        target = (self.failed if failed else self.done) / run.job_id
+        os.rename(run.directory, target)
+        fsync_dir(target.parent)
+        fsync_dir(self.jobs)
+        run.directory = target
+        return target
+
+    def recover(self) -> list[JobRun]:
+        """The jobs a previous run left claimed, after removing what a crash leaves behind."""
+        runs: list[JobRun] = []
+        for directory in sorted(p for p in self.jobs.iterdir() if p.is_dir()):
+            _remove_temp_files(directory)
+            files = [p for p in directory.iterdir() if p.is_file() or p.is_symlink()]
+            sources = [p for p in files if not p.name.startswith(MEMBER_PREFIX)]
+            members = [m for p in sorted(files) if p.name.startswith(MEMBER_PREFIX)
+                       if (m := sidecar.read(p)) is not None]
+            if not sources and not members:
+                log.get().info("spool.removed_empty_claim", job_id=directory.name)
+                directory.rmdir()  # a crash between mkdir and the claim rename
+                continue
+            if not sources:
+                log.get().warning("spool.orphan_state", job_id=directory.name)
+                os.rename(directory, self.failed / directory.name)
+                continue
+            runs.append(JobRun(job_id=directory.name, directory=directory,
+                               source=sources[0].name, members=members))
+        _remove_temp_files(self.outbox)
+        return runs
+
+
+def _remove_temp_files(directory: Path) -> None:
+    """Remove ``.NAME.PID.TOKEN.tmp`` files of dead processes: atomic writes a crash cut short.
+
+    A live process's temp file (another daemon sharing the outbox) is left alone.
+    """
+    with contextlib.suppress(OSError):
+        for p in directory.iterdir():
+            parts = p.name.rsplit(".", 3)
+            if not (p.name.startswith(".") and len(parts) == 4 and parts[3] == "tmp"):
+                continue
+            if parts[1].isdigit() and _alive(int(parts[1])):
+                continue
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from a previous life: this process has written nothing yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,103 @@
+"""Noticing job files: the inbox directory is the queue; watcher events are only hints.
+
+watchfiles wakes us within milliseconds of a change, but it drops the kernel's overflow signal
+without a word and reports a file while its writer is still writing. So every event (and a
+timer, every ``rescan_s``) triggers a full scan of the inbox, and a file is taken only once it
+is complete:
+
+* renamed in after being written (its ctime is later than its mtime): at once;
+* a ``.json`` file whose bytes already parse as JSON: at once (JSON cannot be cut short and
+  still parse);
+* anything else: once it has not been written for ``settle_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from pathlib import Path
+
+import msgspec
+import watchfiles
+
+from . import log
+from .jobs import is_job_name
+
+
+class Scan(msgspec.Struct):
+    ready: list[Path]
+    next_check_s: float | None  # when an unsettled file will be worth another look
+
+
+class InboxScanner:
+    def __init__(self, inbox: Path, settle_s: float, max_bytes: int) -> None:
+        self.inbox, self.settle_s, self.max_bytes = inbox, settle_s, max_bytes
+        self._warned: set[str] = set()
+
+    def scan(self) -> Scan:
+        """Every complete job file in the inbox, oldest first."""
+        ready: list[tuple[int, Path]] = []
+        wait: float | None = None
+        now_ns = time.time_ns()
+        with os.scandir(self.inbox) as entries:
+            for entry in entries:
+                if not is_job_name(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    self._warn_once(entry.name, "intake.ignored_directory")
+                    continue
+                quiet_s = (now_ns - st.st_mtime_ns) / 1e9
+                if stat.S_ISLNK(st.st_mode) or self._complete(entry.path, st, quiet_s):
+                    ready.append((st.st_mtime_ns, Path(entry.path)))
+                else:
+                    remaining = max(0.01, self.settle_s - quiet_s)
+                    wait = remaining if wait is None else min(wait, remaining)
+        ready.sort()
+        return Scan(ready=[p for _, p in ready], next_check_s=wait)
+
+    def _complete(self, path: str, st: os.stat_result, quiet_s: float) -> bool:
+        if quiet_s >= self.settle_s or st.st_ctime_ns > st.st_mtime_ns:
+            return True
+        if path.endswith(".json") and 0 < st.st_size <= self.max_bytes:
+            try:
+                with open(path, "rb") as f:  # noqa: PTH123 - a plain read of a small file
+                    msgspec.json.decode(f.read())
+            except (OSError, msgspec.DecodeError):
+                return False
+            return True
+        return False
+
+    def _warn_once(self, name: str, event: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            log.get().warning(event, name=name)
+
+
+async def pump(
+    inbox: Path, wake: asyncio.Event, stop: asyncio.Event, *, rescan_s: float, step_ms: int,
+    force_polling: bool, poll_delay_ms: int,
+) -> None:
+    """Set ``wake`` whenever the inbox may have changed, and at least every ``rescan_s``."""
+
+    def relevant(_change: watchfiles.Change, path: str) -> bool:
+        return is_job_name(os.path.basename(path))  # noqa: PTH119 - hot path, str in, str out
+
+    async for _changes in watchfiles.awatch(
+        inbox,
+        watch_filter=relevant,
+        recursive=False,
+        debounce=max(200, step_ms * 4),
+        step=step_ms,
+        rust_timeout=int(rescan_s * 1000),
+        yield_on_timeout=True,  # the empty yield on timeout is the periodic rescan
+        stop_event=stop,
+        force_polling=force_polling,
+        poll_delay_ms=poll_delay_ms,
+    ):
+        wake.set()

@@ -1,0 +1,158 @@
+"""Durable file writes: atomic replaces for small files, verified streaming for videos.
+
+Small files (sidecars, state) go temp file → fsync → rename → directory fsync, so a reader or a
+crash sees the old version or the new one, never a torn one. Videos stream into a hidden
+partial file, are checked (length, MP4 ``ftyp`` box) and hashed on the way, and appear under
+their public name only by rename. Nothing here follows a symlink planted by someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from .errors import DownloadError, OutputError
+from .veo import VeoClient
+
+CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
+PARTIAL_DIR = ".partial"
+
+
+class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
+    """One published video, as listed in the sidecar."""
+
+    file: str
+    bytes: int
+    sha256: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    With ``exclusive``, the file must not exist yet (FileExistsError otherwise): the final step
+    is ``link()``, which never clobbers, instead of ``rename()``.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask must not decide what consumers can read
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest, size
+
+
+def _check_signature(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(12)
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        raise DownloadError("The downloaded file is not an MP4 video (no ftyp box at its start).")
+
+
+async def download_video(
+    client: VeoClient, uri: str, partial: Path, final: Path, mode: int
+) -> VideoFile:
+    """Stream one video to ``partial`` (resuming it with Range if present), verify, publish.
+
+    A failed transfer leaves the partial file for the next try to resume; a file that fails
+    its checks is removed. The public name appears only once the whole, checked file is there.
+    """
+    offset = partial.stat().st_size if partial.exists() else 0
+    resp = await client.open_download(uri, offset)
+    try:
+        resumed = offset > 0 and resp.status == 206 and resp.headers.get(
+            "Content-Range", "").startswith(f"bytes {offset}-")
+        if resumed:
+            digest, offset = await asyncio.to_thread(_hash_existing, partial)
+        else:
+            digest, offset = hashlib.sha256(), 0
+        length = resp.headers.get("Content-Length")
+        expected = offset + int(length) if length and length.isdigit() else None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_APPEND if resumed else os.O_TRUNC
+        try:
+            fd = os.open(partial, flags, mode)
+        except OSError as e:
+            raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
+        size = offset
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                size += len(chunk)
+            await asyncio.to_thread(os.fsync, fd)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise DownloadError(
+                f"The download broke off after {size} bytes ({type(e).__name__})."
+            ) from None
+        except OSError as e:
+            _discard(partial)
+            full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            raise OutputError(
+                f"Cannot write the video into {partial.parent}: {e.strerror}"
+                + (" (the disk is full)." if full else ".")
+            ) from None
+        finally:
+            os.close(fd)
+    finally:
+        resp.release()
+    if expected is not None and size != expected:
+        raise DownloadError(f"The download ended at {size} of {expected} bytes.")
+    try:
+        _check_signature(partial)
+    except DownloadError:
+        _discard(partial)
+        raise
+    try:
+        os.chmod(partial, mode)
+        os.replace(partial, final)
+        fsync_dir(final.parent)
+    except OSError as e:
+        raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
+    return VideoFile(file=final.name, bytes=size, sha256=digest.hexdigest())
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
