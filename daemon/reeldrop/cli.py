@@ -97,7 +97,8 @@ def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config, flags=_flags(args, [n for n, _ in config_mod.setting_names()]))
+    names = [n for n, _ in config_mod.setting_names()]
+    cfg = config_mod.load(args.config, flags=_flags(args, names))
     secrets = [cfg.api_key.reveal()] if cfg.api_key else []
     log.configure(cfg.log_format, cfg.log_level, secrets)
     if cfg.api_key is None:
@@ -118,7 +119,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     log.configure("console", "warning")
-    return asyncio.run(run_demo(args.outbox))
+    return asyncio.run(run_demo(args.outbox.resolve()))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -126,9 +127,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
         try:
-            if path.is_dir() or not jobs.is_job_name(path.name):
-                raise InvalidJob(f"{path.name} is not a job file (NAME.prompt or NAME.json).")
-            members = jobs.parse(path.name, read_job_file(path, cfg.max_job_bytes), cfg)
+            members = _check_file(path, cfg)
         except InvalidJob as e:
             bad += 1
             print(f"invalid  {path}: {e.message}")
@@ -136,6 +135,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         outputs = ", ".join(m.output for m in members)
         print(f"ok       {path}: {len(members)} job(s) -> {outputs}")
     return 1 if bad else 0
+
+
+def _check_file(path: Path, cfg: config_mod.Config) -> list[jobs.Member]:
+    if path.is_dir() or not jobs.is_job_name(path.name):
+        raise InvalidJob(f"{path.name} is not a job file (NAME.prompt or NAME.json).")
+    return jobs.parse(path.name, read_job_file(path, cfg.max_job_bytes), cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

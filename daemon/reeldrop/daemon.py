@@ -175,7 +175,7 @@ class Daemon:
         log.get().info("job.claimed", job_id=run.job_id, source=run.source)
         try:
             self.intake.accept(run)
-        except Exception:  # e.g. the outbox is gone: keep the claim, retry at the next start
+        except Exception:  # noqa: BLE001 - e.g. the outbox is gone: keep the claim for a restart
             log.get().exception("intake.accept_failed", job_id=run.job_id, source=run.source)
             return None
         return run

@@ -46,12 +46,16 @@ async def run_demo(outbox: Path) -> int:
         inbox = Path(tmp) / "inbox"
         shutil.copytree(examples_dir(), inbox)
         config = demo_config(inbox, outbox, base_url)
-        print(f"demo: {len(list(inbox.iterdir()))} example jobs from {examples_dir()}")
-        print(f"demo: simulator at {base_url}; videos go to {outbox.resolve()}")
+        count = len(await asyncio.to_thread(list, inbox.iterdir()))
+        print(f"demo: {count} example jobs from {examples_dir()}")
+        print(f"demo: simulator at {base_url}; videos go to {outbox}")
         daemon = Daemon(config)
         serving = asyncio.create_task(daemon.serve())
         started = time.monotonic()
-        while not _all_finished(daemon) and time.monotonic() - started < DEMO_TIMEOUT_S:
+        # The finish line is on disk (inbox and spool empty), so look at it now and then.
+        while time.monotonic() - started < DEMO_TIMEOUT_S:
+            if await asyncio.to_thread(_all_finished, daemon):
+                break
             await asyncio.sleep(0.2)
         daemon.should_exit.set()
         await serving
@@ -83,7 +87,8 @@ def _finished_members(daemon: Daemon) -> list[Sidecar]:
 def _seconds(m: Sidecar) -> float:
     if m.finished_at is None:
         return 0.0
-    return (datetime.fromisoformat(m.finished_at) - datetime.fromisoformat(m.created_at)).total_seconds()
+    finished, created = datetime.fromisoformat(m.finished_at), datetime.fromisoformat(m.created_at)
+    return (finished - created).total_seconds()
 
 
 def _print_table(members: list[Sidecar], outbox: Path) -> None:

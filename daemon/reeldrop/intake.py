@@ -123,7 +123,7 @@ def _renamed(draft: Sidecar, name: str) -> Sidecar:
     return msgspec.structs.replace(draft, output=name)
 
 
-def _name_owner(outbox: Path, name: str, job_id: str) -> Sidecar | None | str:
+def _name_owner(outbox: Path, name: str, job_id: str) -> Sidecar | str | None:
     """None if the name is free; the sidecar if it may be reused; "taken" otherwise."""
     path = sidecar.path_for(outbox, name)
     if (outbox / f"{name}.mp4").exists() or (outbox / f"{name}-1.mp4").exists():

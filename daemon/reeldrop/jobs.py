@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from .config import Config
+from .config import Config, ModelCaps
 from .errors import InvalidJob
 
 JOB_SUFFIXES = (".prompt", ".json")
@@ -71,7 +71,8 @@ def check_output_name(name: str, *, field: str = "output") -> str:
     if "\0" in name or "/" in name or "\\" in name:
         raise InvalidJob(f"{field} {name!r} is a path; give a plain file name, with no / or \\.")
     if name.startswith(".") or name in {".", ".."}:
-        raise InvalidJob(f"{field} {name!r} would be hidden or a directory; do not start it with '.'.")
+        raise InvalidJob(
+            f"{field} {name!r} would be hidden or a directory; do not start it with '.'.")
     if any(unicodedata.category(c) == "Cc" for c in name):
         raise InvalidJob(f"{field} {name!r} contains control characters.")
     cleaned = _UNSAFE_RUN.sub("_", unicodedata.normalize("NFC", name.strip())).strip("_")
@@ -159,7 +160,8 @@ def _explain(msg: str) -> str:
 def _resolve(req: VideoRequest, config: Config, *, default_output: str, where: str) -> Member:
     prompt = req.prompt.strip()
     if not prompt:
-        raise InvalidJob(f"The prompt at {where}.prompt is blank; write what the video should show.")
+        raise InvalidJob(
+            f"The prompt at {where}.prompt is blank; write what the video should show.")
     if len(prompt) > config.max_prompt_chars:
         raise InvalidJob(
             f"The prompt at {where}.prompt has {len(prompt)} characters; "
@@ -175,15 +177,17 @@ def _resolve(req: VideoRequest, config: Config, *, default_output: str, where: s
         value = getattr(req, name)
         params[name] = value if value is not None else getattr(config, name)
     params = {k: v for k, v in params.items() if v is not None}
-    _check_caps(model, params, caps.resolutions, caps.aspect_ratios, caps.person_generation, where)
+    _check_caps(model, params, caps, where)
     output = (check_output_name(req.output, field=f"{where}.output")
               if req.output is not None else default_output)
     return Member(prompt=prompt, model=model, parameters=params, output=output,
                   metadata=req.metadata)
 
 
-def _check_caps(model: str, params: dict[str, Any], resolutions: dict[str, list[int]],
-                aspect_ratios: list[str], people: list[str], where: str) -> None:
+def _check_caps(model: str, params: dict[str, Any], caps: ModelCaps, where: str) -> None:
+    resolutions, aspect_ratios = caps.resolutions, caps.aspect_ratios
+    people = caps.person_generation
+
     def refuse(field: str, value: object, allowed: list[Any]) -> InvalidJob:
         return InvalidJob(f"{where}.{field} = {value!r} is not supported by {model}; "
                           f"use one of {', '.join(map(str, allowed))}.")

@@ -63,6 +63,10 @@ def _asset(aspect: str) -> bytes:
     return resources.files("reeldrop").joinpath("assets", name).read_bytes()
 
 
+def _bad_key() -> web.Response:
+    return _error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+
+
 def _error(status: int, canonical: str, message: str, *, details: list[Any] | None = None,
            headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": {"code": status, "message": message, "status": canonical,
@@ -142,7 +146,7 @@ class Simulator:
         if action != "predictLongRunning":
             return _error(404, "NOT_FOUND", f"Method {action} not found.")
         if not self._authorised(request):
-            return _error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+            return _bad_key()
         fault = self._fault(request, ("429", "5xx", "reset"))
         if fault is not None:
             return fault
@@ -183,7 +187,7 @@ class Simulator:
 
     async def poll(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
-            return _error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+            return _bad_key()
         self.stats["polls"] += 1
         fault = self._fault(request, ("5xx", "reset"))
         if fault is not None:
@@ -273,7 +277,7 @@ async def _video_bytes(
 async def serve_forever(config: SimConfig, host: str, port: int) -> None:
     sim = Simulator(config)
     url = await sim.start(host, port)
-    print(f"simulator listening; use --base-url {url}", flush=True)  # noqa: T201
+    print(f"simulator listening; use --base-url {url}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

@@ -101,7 +101,8 @@ def video_uris(op: Operation) -> list[str]:
             f"(code {op.error.code})."
         )
     result = op.response.generate_video_response if op.response else None
-    uris = [s.video.uri for s in (result.generated_samples if result else []) if s.video and s.video.uri]
+    samples = result.generated_samples if result else []
+    uris = [s.video.uri for s in samples if s.video and s.video.uri]
     if uris:
         return uris
     if result and (result.rai_media_filtered_count or result.rai_media_filtered_reasons):

@@ -66,7 +66,7 @@ class InboxScanner:
             return True
         if path.endswith(".json") and 0 < st.st_size <= self.max_bytes:
             try:
-                with open(path, "rb") as f:  # noqa: PTH123 - a plain read of a small file
+                with open(path, "rb") as f:
                     msgspec.json.decode(f.read())
             except (OSError, msgspec.DecodeError):
                 return False
@@ -86,7 +86,7 @@ async def pump(
     """Set ``wake`` whenever the inbox may have changed, and at least every ``rescan_s``."""
 
     def relevant(_change: watchfiles.Change, path: str) -> bool:
-        return is_job_name(os.path.basename(path))  # noqa: PTH119 - hot path, str in, str out
+        return is_job_name(os.path.basename(path))
 
     async for _changes in watchfiles.awatch(
         inbox,

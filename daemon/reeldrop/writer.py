@@ -96,45 +96,10 @@ async def download_video(
     A failed transfer leaves the partial file for the next try to resume; a file that fails
     its checks is removed. The public name appears only once the whole, checked file is there.
     """
-    offset = partial.stat().st_size if partial.exists() else 0
+    offset = _size(partial)
     resp = await client.open_download(uri, offset)
     try:
-        resumed = offset > 0 and resp.status == 206 and resp.headers.get(
-            "Content-Range", "").startswith(f"bytes {offset}-")
-        if resumed:
-            digest, offset = await asyncio.to_thread(_hash_existing, partial)
-        else:
-            digest, offset = hashlib.sha256(), 0
-        length = resp.headers.get("Content-Length")
-        expected = offset + int(length) if length and length.isdigit() else None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        flags |= os.O_APPEND if resumed else os.O_TRUNC
-        try:
-            fd = os.open(partial, flags, mode)
-        except OSError as e:
-            raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
-        size = offset
-        try:
-            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-                size += len(chunk)
-            await asyncio.to_thread(os.fsync, fd)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise DownloadError(
-                f"The download broke off after {size} bytes ({type(e).__name__})."
-            ) from None
-        except OSError as e:
-            _discard(partial)
-            full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-            raise OutputError(
-                f"Cannot write the video into {partial.parent}: {e.strerror}"
-                + (" (the disk is full)." if full else ".")
-            ) from None
-        finally:
-            os.close(fd)
+        size, expected, digest = await _receive(resp, partial, offset, mode)
     finally:
         resp.release()
     if expected is not None and size != expected:
@@ -151,6 +116,59 @@ async def download_video(
     except OSError as e:
         raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
     return VideoFile(file=final.name, bytes=size, sha256=digest.hexdigest())
+
+
+async def _receive(
+    resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int
+) -> tuple[int, int | None, hashlib._Hash]:
+    """Stream the body into ``partial`` (appending if the server honoured our Range), fsync.
+
+    Returns (bytes on disk, bytes expected or None, sha256 of the whole file so far).
+    """
+    resumed = offset > 0 and resp.status == 206 and resp.headers.get(
+        "Content-Range", "").startswith(f"bytes {offset}-")
+    if resumed:
+        digest, offset = await asyncio.to_thread(_hash_existing, partial)
+    else:
+        digest, offset = hashlib.sha256(), 0
+    length = resp.headers.get("Content-Length")
+    expected = offset + int(length) if length and length.isdigit() else None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if resumed else os.O_TRUNC
+    try:
+        fd = os.open(partial, flags, mode)
+    except OSError as e:
+        raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
+    size = offset
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+            size += len(chunk)
+        await asyncio.to_thread(os.fsync, fd)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise DownloadError(
+            f"The download broke off after {size} bytes ({type(e).__name__})."
+        ) from None
+    except OSError as e:
+        _discard(partial)
+        full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise OutputError(
+            f"Cannot write the video into {partial.parent}: {e.strerror}"
+            + (" (the disk is full)." if full else ".")
+        ) from None
+    finally:
+        os.close(fd)
+    return size, expected, digest
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _discard(path: Path) -> None:
