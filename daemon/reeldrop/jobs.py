@@ -61,7 +61,7 @@ def is_job_name(name: str) -> bool:
     """True for names the inbox takes: ``*.prompt`` and ``*.json``, not hidden, not temporary."""
     if name.startswith(".") or name.endswith(("~", ".tmp", ".part")):
         return False
-    return name.endswith(JOB_SUFFIXES) and len(name) > max(map(len, JOB_SUFFIXES))
+    return name.endswith(JOB_SUFFIXES) and bool(name.rsplit(".", 1)[0])
 
 
 def check_output_name(name: str, *, field: str = "output") -> str:
@@ -126,9 +126,9 @@ def _decode_json_job(source: str, data: bytes, config: Config) -> list[VideoRequ
         decoded = _decode_json(data)
     except msgspec.ValidationError as e:
         raise InvalidJob(f"{source}: {_explain(str(e))}.") from None
-    except msgspec.DecodeError as e:
-        if b"\0" in data or not _is_utf8(data):
-            raise InvalidJob(f"{source} is not UTF-8 JSON text.") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        if not _is_utf8(data):
+            raise InvalidJob(f"{source} is not UTF-8 text; save it as UTF-8 JSON.") from None
         raise InvalidJob(f"{source} is not valid JSON: {e}.") from None
     requests = decoded if isinstance(decoded, list) else [decoded]
     if not requests:

@@ -147,15 +147,18 @@ class Simulator:
             return _error(404, "NOT_FOUND", f"Method {action} not found.")
         if not self._authorised(request):
             return _bad_key()
-        fault = self._fault(request, ("429", "5xx", "reset"))
-        if fault is not None:
-            return fault
         try:
             body = msgspec.json.decode(await request.read())
             prompt = str(body["instances"][0].get("prompt", ""))
             params = body.get("parameters") or {}
         except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError):
             return _error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        fault = self._fault(request, ("429", "5xx", "reset"))
+        if fault is not None:
+            self.events.append((time.time(), "fault", prompt))
+            if fault.status == 429:
+                self.events.append((time.time(), "429", prompt))
+            return fault
         duration = int(params.get("durationSeconds", 8))
         if params.get("resolution") in ("1080p", "4k") and duration != 8:
             return _error(400, "INVALID_ARGUMENT", "Your use case is currently not supported. "

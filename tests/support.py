@@ -1,0 +1,87 @@
+"""Helpers for the tests: a daemon around the simulator, waiting, dropping files, decoding.
+
+Nothing here mocks aiohttp or the filesystem: the simulator is a real HTTP server, the inbox
+and outbox are real directories under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import av
+
+from reeldrop.config import Config, load
+from reeldrop.daemon import Daemon
+from reeldrop.sidecar import Sidecar, read
+
+TEST_KEY = "AIzaTEST-reeldrop-0123456789abcdefghij"
+FAST: dict[str, Any] = {
+    "poll_initial_s": 0.05, "poll_min_s": 0.05, "poll_max_s": 0.2, "settle_s": 0.3,
+    "retry_base_s": 0.05, "retry_cap_s": 0.5, "rescan_s": 5, "submissions_per_minute": 1000,
+    "concurrency": 8, "shutdown_grace_s": 5,
+}
+
+
+def make_config(tmp_path: Path, base_url: str, **overrides: Any) -> Config:
+    flags = {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+             "base_url": base_url, "api_key": TEST_KEY, **FAST, **overrides}
+    return load(environ={}, flags=flags)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Daemon]:
+    """A daemon serving in this event loop until the block ends."""
+    daemon = Daemon(config)
+    task = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        yield daemon
+    finally:
+        daemon.should_exit.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+def sidecars(outbox: Path) -> dict[str, Sidecar]:
+    found = {}
+    for p in outbox.glob("*.json"):
+        if not p.name.endswith(".batch.json") and (sc := read(p)) is not None:
+            found[sc.output] = sc
+    return found
+
+
+def finished(outbox: Path, count: int) -> Callable[[], bool]:
+    return lambda: sum(sc.done for sc in sidecars(outbox).values()) >= count
+
+
+def drop(inbox: Path, name: str, data: str | bytes) -> Path:
+    """Write a job the recommended way: a hidden temp file, then a rename into the inbox."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    final = inbox / name
+    os.replace(tmp, final)
+    return final
+
+
+def playable_frames(path: Path) -> int:
+    """Decode every video frame with a real demuxer and decoder (PyAV/FFmpeg)."""
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+REELDROP = [sys.executable, "-m", "reeldrop"]

@@ -1,0 +1,157 @@
+"""The daemon in-process against the simulator over loopback HTTP, with real directories."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from reeldrop.demo import examples_dir
+from reeldrop.simulator import SimConfig, Simulator
+
+from .support import drop, finished, make_config, playable_frames, running, sidecars, until
+
+
+async def test_every_example_job_becomes_a_playable_video(tmp_path: Path, sim: Simulator) -> None:
+    """Each example job ends as a decodable MP4 and a complete `succeeded` sidecar."""
+    inbox = tmp_path / "inbox"
+    shutil.copytree(examples_dir(), inbox)
+    config = make_config(tmp_path, sim.base_url)
+    outbox = tmp_path / "outbox"
+    async with running(config):
+        await until(finished(outbox, 7), what="7 finished sidecars")
+    docs = sidecars(outbox)
+    assert set(docs) == {"lighthouse", "fox", "phone-reel", "skyline-day-to-night",
+                         "storyboard-1", "storyboard-2", "storyboard-finale"}
+    for name, doc in docs.items():
+        assert doc.state == "succeeded", doc.error
+        assert doc.finished_at and doc.operation and doc.attempts == 1
+        [video] = doc.videos
+        assert video.file == f"{name}.mp4"
+        assert (outbox / video.file).stat().st_size == video.bytes
+        assert playable_frames(outbox / video.file) > 0
+    assert docs["skyline-day-to-night"].metadata == {
+        "client": "acme", "ticket": 4711, "tags": ["city", "timelapse"]}
+    assert docs["phone-reel"].model == "veo-3.1-fast-generate-preview"
+    batch = msgspec.json.decode((outbox / "storyboard.batch.json").read_bytes())
+    assert (batch["total"], batch["succeeded"], batch["failed"]) == (3, 3, 0)
+    assert not [p for p in inbox.iterdir() if not p.name.startswith(".")], "inbox not emptied"
+    kept = list((inbox / ".reeldrop" / "done").glob("*/lighthouse.prompt"))
+    assert kept and kept[0].read_bytes() == (examples_dir() / "lighthouse.prompt").read_bytes()
+    assert not list((outbox / ".partial").iterdir())
+    assert sim.stats["submissions"] == 7
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(latency_s=0.1, latency_jitter_s=0.0, seed=3, api_key="AIzaTEST-reeldrop-"
+                     "0123456789abcdefghij", retry_delay_s=0.3)
+
+
+async def test_failed_and_filtered_operations_fail_with_the_reason(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A failed operation and a safety-filtered one end `failed` with the service's words."""
+    config = make_config(tmp_path, sim.base_url)
+    outbox = tmp_path / "outbox"
+    async with running(config):
+        drop(tmp_path / "inbox", "broken.prompt", "a scene [fail]")
+        drop(tmp_path / "inbox", "blocked.prompt", "a scene [filtered]")
+        drop(tmp_path / "inbox", "good.prompt", "a scene")
+        await until(finished(outbox, 3))
+    docs = sidecars(outbox)
+    assert docs["broken"].state == "failed"
+    assert docs["broken"].error is not None
+    assert "internal error" in docs["broken"].error.message
+    assert docs["blocked"].state == "failed"
+    assert docs["blocked"].error is not None
+    assert "safety filter" in docs["blocked"].error.message
+    assert "audio" in docs["blocked"].error.message
+    assert docs["good"].state == "succeeded"
+    failed_area = tmp_path / "inbox" / ".reeldrop" / "failed"
+    assert {p.name for p in failed_area.glob("*/*.prompt")} == {"broken.prompt", "blocked.prompt"}
+
+
+async def test_429_is_retried_after_the_services_delay(tmp_path: Path) -> None:
+    """A 429 carrying RetryInfo makes the next create of that job wait at least the delay."""
+    sim = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0, seed=5, rate_429=0.4,
+                              retry_delay_s=0.3))
+    await sim.start()
+    try:
+        config = make_config(tmp_path, sim.base_url, concurrency=3, create_tries=20)
+        outbox = tmp_path / "outbox"
+        async with running(config):
+            for i in range(6):
+                drop(tmp_path / "inbox", f"j{i}.prompt", f"prompt {i}")
+            await until(finished(outbox, 6), timeout=60)
+        assert {doc.state for doc in sidecars(outbox).values()} == {"succeeded"}
+        assert sim.stats["http_429"] >= 2
+        for t429, _kind, prompt in [e for e in sim.events if e[1] == "429"]:
+            retry = min(t for t, kind, p in sim.events
+                        if p == prompt and kind in ("create", "fault") and t > t429)
+            assert retry - t429 >= 0.3 - 0.01, f"{prompt} retried {retry - t429:.3f} s after 429"
+        assert sorted(sim.submissions.values()) == [1] * 6
+    finally:
+        await sim.stop()
+
+
+async def test_5xx_resets_and_truncated_downloads_never_pay_twice(tmp_path: Path) -> None:
+    """503s, connection resets and cut-off downloads are retried; each prompt is created once."""
+    sim = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0.05, seed=11, rate_5xx=0.25,
+                              rate_reset=0.15, rate_truncate=0.5, video_bytes=300_000))
+    await sim.start()
+    try:
+        config = make_config(tmp_path, sim.base_url, download_tries=10, poll_error_tries=10,
+                             create_tries=10)
+        outbox = tmp_path / "outbox"
+        async with running(config):
+            for i in range(8):
+                drop(tmp_path / "inbox", f"j{i}.prompt", f"prompt {i}")
+            await until(finished(outbox, 8), timeout=60)
+        docs = sidecars(outbox)
+        assert {d.state for d in docs.values()} == {"succeeded"}, [d.error for d in docs.values()]
+        assert sim.stats["fault_5xx"] and sim.stats["fault_reset"] and sim.stats["fault_truncate"]
+        assert sorted(sim.submissions.values()) == [1] * 8
+        for doc in docs.values():
+            assert doc.videos[0].bytes == 300_000
+            assert playable_frames(outbox / doc.videos[0].file) > 0
+    finally:
+        await sim.stop()
+
+
+async def test_a_bad_file_fails_clearly_and_the_next_good_one_still_runs(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Invalid JSON ends as a `failed` sidecar naming the problem; its bytes are kept."""
+    config = make_config(tmp_path, sim.base_url)
+    outbox = tmp_path / "outbox"
+    async with running(config):
+        drop(tmp_path / "inbox", "bad.json", b'{"prompt": "x", "colour": 1}')
+        drop(tmp_path / "inbox", "good.json", b'{"prompt": "x"}')
+        await until(finished(outbox, 2))
+    docs = sidecars(outbox)
+    assert docs["bad"].state == "failed"
+    assert docs["bad"].error is not None
+    assert docs["bad"].error.type == "InvalidJob"
+    assert "unknown field `colour`" in docs["bad"].error.message
+    kept = list((tmp_path / "inbox" / ".reeldrop" / "failed").glob("*/bad.json"))
+    assert kept[0].read_bytes() == b'{"prompt": "x", "colour": 1}'
+    assert docs["good"].state == "succeeded"
+    assert sim.stats["submissions"] == 1
+
+
+async def test_a_name_with_a_video_is_never_overwritten(tmp_path: Path, sim: Simulator) -> None:
+    """Dropping the same name twice gives NAME.2, leaving the first video and sidecar intact."""
+    config = make_config(tmp_path, sim.base_url)
+    outbox = tmp_path / "outbox"
+    async with running(config):
+        drop(tmp_path / "inbox", "cat.prompt", "a cat")
+        await until(finished(outbox, 1))
+        first = (outbox / "cat.mp4").read_bytes()
+        drop(tmp_path / "inbox", "cat.prompt", "a cat again")
+        await until(finished(outbox, 2))
+    docs = sidecars(outbox)
+    assert docs["cat"].prompt == "a cat"
+    assert docs["cat.2"].prompt == "a cat again"
+    assert docs["cat.2"].videos[0].file == "cat.2.mp4"
+    assert (outbox / "cat.mp4").read_bytes() == first
