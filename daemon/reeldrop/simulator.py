@@ -243,6 +243,7 @@ class Simulator:
         resp.content_type = "video/mp4"
         resp.content_length = total - start
         if start:
+            self.stats["ranged_downloads"] += 1
             resp.headers["Content-Range"] = f"bytes {start}-{total - 1}/{total}"
         await resp.prepare(request)
         self.stats["downloads"] += 1

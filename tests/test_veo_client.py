@@ -1,0 +1,158 @@
+"""The service client against real loopback servers: wire format, errors, the key's reach."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from reeldrop.errors import APIError, DownloadError, GenerationFailed
+from reeldrop.jobs import Member
+from reeldrop.simulator import Simulator
+from reeldrop.veo import (
+    Operation,
+    VeoClient,
+    _OpResponse,
+    parse_delay,
+    request_body,
+    video_uris,
+)
+from reeldrop.writer import download_video
+
+from .support import TEST_KEY, make_config
+
+MEMBER = Member(prompt="a cat", model="veo-3.1-generate-preview", output="cat",
+                parameters={"aspect_ratio": "9:16", "duration_seconds": 8, "resolution": "1080p"})
+URI = "https://h/v1beta/files/abc:download?alt=media"
+
+
+def test_request_body_uses_the_wire_names() -> None:
+    """Options go out camelCased under `parameters`, as the official SDK sends them."""
+    assert request_body(MEMBER) == {
+        "instances": [{"prompt": "a cat"}],
+        "parameters": {"sampleCount": 1, "aspectRatio": "9:16", "durationSeconds": 8,
+                       "resolution": "1080p"},
+    }
+
+
+def test_delays_parse_from_both_hint_formats() -> None:
+    """Retry-After seconds and protobuf Durations ("47s", "0.5s") both become seconds."""
+    assert parse_delay("47s") == 47.0
+    assert parse_delay("0.250s") == 0.25
+    assert parse_delay("3") == 3.0
+    assert parse_delay("soon") is None
+    assert parse_delay(None) is None
+
+
+def test_finished_operations_map_to_uris_or_reasons() -> None:
+    """Samples give URIs; an error or a safety filter with no samples is a failure, never []."""
+    ok = Operation(name="n", done=True, response=msgspec_response(
+        {"generatedSamples": [{"video": {"uri": URI}}]}))
+    assert video_uris(ok) == [URI]
+    for body, needle in [({"raiMediaFilteredCount": 1}, "safety filter"),
+                         ({"generatedSamples": []}, "no video"), ({}, "no video")]:
+        with pytest.raises(GenerationFailed, match=needle):
+            video_uris(Operation(name="n", done=True, response=msgspec_response(body)))
+
+
+def msgspec_response(result: dict[str, object]) -> _OpResponse:
+    return msgspec.convert({"generateVideoResponse": result}, _OpResponse)
+
+
+async def test_create_poll_download_against_the_simulator(tmp_path: Path, sim: Simulator) -> None:
+    """The client's three calls work over HTTP, and the download is streamed and verified."""
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        name = await client.create(MEMBER)
+        assert name.startswith("models/veo-3.1-generate-preview/operations/")
+        op = await client.poll(name)
+        while not op.done:
+            op = await client.poll(name)
+        [uri] = video_uris(op)
+        assert uri.startswith("https://generativelanguage.googleapis.com/v1beta/files/")
+        video = await download_video(client, uri, tmp_path / "v.part", tmp_path / "v.mp4", 0o640)
+    assert video.file == "v.mp4"
+    assert (tmp_path / "v.mp4").read_bytes()[4:8] == b"ftyp"
+    assert not (tmp_path / "v.part").exists()
+
+
+async def test_http_errors_carry_status_message_and_retryability(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A refused key is a non-retryable APIError with the service's own message."""
+    async with aiohttp.ClientSession() as session:
+        config = make_config(tmp_path, sim.base_url, api_key="wrong-key")
+        with pytest.raises(APIError) as info:
+            await VeoClient(session, config).create(MEMBER)
+    assert info.value.status == 400
+    assert not info.value.retryable
+    assert "API key not valid" in info.value.message
+    assert "wrong-key" not in info.value.message
+
+
+async def test_the_key_never_follows_a_redirect_to_another_host(tmp_path: Path) -> None:
+    """Downloads send the key to the base URL's host only, not to the redirect target."""
+    seen: dict[str, str | None] = {}
+
+    async def storage(request: web.Request) -> web.Response:
+        seen["storage"] = request.headers.get("x-goog-api-key")
+        return web.Response(body=b"\0\0\0\x10ftypisom" + b"\0" * 100)
+
+    other = TestServer(web.Application())
+    other.app.router.add_get("/blob", storage)
+    await other.start_server()
+
+    async def files(request: web.Request) -> web.Response:
+        seen["api"] = request.headers.get("x-goog-api-key")
+        raise web.HTTPFound(str(other.make_url("/blob")))
+
+    api = TestServer(web.Application())
+    api.app.router.add_get("/v1beta/files/{f}", files)
+    await api.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = VeoClient(session, make_config(tmp_path, str(api.make_url("/v1beta"))))
+            uri = "https://generativelanguage.googleapis.com/v1beta/files/abc:download?alt=media"
+            await download_video(client, uri, tmp_path / "p", tmp_path / "v.mp4", 0o640)
+    finally:
+        await api.close()
+        await other.close()
+    assert seen == {"api": TEST_KEY, "storage": None}
+
+
+async def test_an_expired_video_fails_with_a_message_that_says_so(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A 404 on download is not retried and tells the user that videos are kept 2 days."""
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        with pytest.raises(DownloadError) as info:
+            await download_video(client, "https://x/v1beta/files/gone:download?alt=media",
+                                 tmp_path / "p", tmp_path / "v.mp4", 0o640)
+    assert info.value.status == 404
+    assert not info.value.retryable
+    assert "2 days" in info.value.message
+
+
+async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator) -> None:
+    """A partial file left by a broken transfer is resumed from its length and checked whole."""
+    sim.config = msgspec.structs.replace(sim.config, video_bytes=200_000)
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        name = await client.create(MEMBER)
+        op = await client.poll(name)
+        while not op.done:
+            op = await client.poll(name)
+        [uri] = video_uris(op)
+        whole = tmp_path / "whole.mp4"
+        await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+        partial = tmp_path / "r.part"
+        partial.write_bytes(whole.read_bytes()[:123_456])
+        before = sim.stats["downloads"]
+        video = await download_video(client, uri, partial, tmp_path / "r.mp4", 0o640)
+    assert (tmp_path / "r.mp4").read_bytes() == whole.read_bytes()
+    assert video.bytes == 200_000
+    assert sim.stats["downloads"] == before + 1
+    assert sim.stats["ranged_downloads"] == 1
