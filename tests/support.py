@@ -85,3 +85,23 @@ def playable_frames(path: Path) -> int:
 
 
 REELDROP = [sys.executable, "-m", "reeldrop"]
+
+
+def daemon_args(tmp_path: Path, base_url: str, *extra: str) -> list[str]:
+    """`reeldrop run` with fast test settings, as a subprocess would be started."""
+    args = [*REELDROP, "run", "--inbox", str(tmp_path / "inbox"),
+            "--outbox", str(tmp_path / "outbox"), "--base-url", base_url, "--log-format", "json"]
+    for name, value in FAST.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return [*args, *extra]
+
+
+async def spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL)
+
+
+async def wait_exit(proc: asyncio.subprocess.Process, timeout: float = 30) -> int:
+    return await asyncio.wait_for(proc.wait(), timeout)

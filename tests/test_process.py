@@ -1,0 +1,199 @@
+"""The daemon as a real subprocess: signals, restarts, sd_notify, credentials, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import socket
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from reeldrop.simulator import SimConfig, Simulator
+
+from .support import (
+    REELDROP,
+    TEST_KEY,
+    daemon_args,
+    drop,
+    finished,
+    sidecars,
+    spawn,
+    until,
+    wait_exit,
+)
+
+
+class NotifyListener:
+    """A real AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, str]] = []
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self.drain)
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                break
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+        return [m for _, m in self.messages]
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(latency_s=1.5, latency_jitter_s=0.3, seed=2, api_key=TEST_KEY)
+
+
+def env_with_key(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "GEMINI_API_KEY": TEST_KEY}
+
+
+async def test_notify_ready_status_watchdog_and_stopping(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """READY=1 after the scan, STATUS= lines, WATCHDOG=1 at half the interval, STOPPING=1."""
+    listener = NotifyListener(tmp_path / "notify.sock")
+    drop(tmp_path / "inbox", "early.prompt", "dropped before the start")
+    env = {**env_with_key(daemon_env), "NOTIFY_SOCKET": str(listener.path),
+           "WATCHDOG_USEC": "400000"}
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    try:
+        await until(lambda: "READY=1" in listener.drain(), what="READY=1")
+        # The start-up scan already claimed the file dropped while the daemon was down.
+        assert not (tmp_path / "inbox" / "early.prompt").exists()
+        await asyncio.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        messages = listener.drain()
+        listener.close()
+    pats = [t for t, m in listener.messages if m == "WATCHDOG=1"]
+    assert len(pats) >= 4, messages
+    gaps = [b - a for a, b in itertools.pairwise(pats)]
+    assert max(gaps) < 0.4, gaps  # half of WATCHDOG_USEC, with room for a busy machine
+    assert any(m.startswith("STATUS=") and "in flight" in m for m in messages)
+    assert messages.index("READY=1") < messages.index("STOPPING=1")
+
+
+async def test_sigterm_exits_cleanly_and_a_restart_finishes_every_job(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """SIGTERM mid-generation: exit 0 within the grace, jobs stay claimed, restart ends them."""
+    env = env_with_key(daemon_env)
+    for i in range(5):
+        drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    await until(lambda: sim.stats["submissions"] == 5, what="5 submissions")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(proc) == 0
+    assert time.monotonic() - started < 5
+    assert any(d.state == "generating" for d in sidecars(tmp_path / "outbox").values())
+    stopped = [msgspec.json.decode(line) for line in (tmp_path / "log").read_bytes().splitlines()
+               if b"daemon.stopped" in line]
+    assert stopped and stopped[0]["in_flight"] == 5
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    try:
+        await until(finished(tmp_path / "outbox", 5), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
+    assert sorted(sim.submissions.values()) == [1] * 5, "a job was submitted twice"
+
+
+async def test_sigkill_while_generating_resumes_without_paying_twice(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """After kill -9, a restart polls the stored operations instead of creating new ones."""
+    env = env_with_key(daemon_env)
+    for i in range(4):
+        drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    await until(lambda: sim.stats["submissions"] == 4, what="4 submissions")
+    await asyncio.sleep(0.2)
+    proc.kill()
+    await wait_exit(proc)
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    try:
+        await until(finished(tmp_path / "outbox", 4), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await wait_exit(proc)
+    assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
+    assert sorted(sim.submissions.values()) == [1] * 4
+    leftovers = [p for p in (tmp_path / "outbox").rglob("*") if p.name.endswith((".tmp", ".part"))]
+    assert not leftovers
+
+
+async def test_the_api_key_is_never_written_anywhere(
+        tmp_path: Path, daemon_env: dict[str, str]) -> None:
+    """Logs, sidecars and state files never hold the key, even when the service rejects it."""
+    sim = Simulator(SimConfig(latency_s=0.1, api_key="the-right-key"))
+    await sim.start()
+    try:
+        drop(tmp_path / "inbox", "job.prompt", "a prompt")
+        env = {**daemon_env, "GEMINI_API_KEY": TEST_KEY}
+        proc = await spawn(daemon_args(tmp_path, sim.base_url, "--log-level", "debug"), env,
+                           tmp_path / "log")
+        await until(finished(tmp_path / "outbox", 1))
+        proc.send_signal(signal.SIGTERM)
+        await wait_exit(proc)
+    finally:
+        await sim.stop()
+    [doc] = sidecars(tmp_path / "outbox").values()
+    assert doc.state == "failed"
+    assert doc.error is not None
+    assert "API key not valid" in doc.error.message
+    everything = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(everything) >= 4
+    for path in everything:
+        assert TEST_KEY.encode() not in path.read_bytes(), path
+
+
+async def test_a_systemd_credential_supplies_the_key(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """With $CREDENTIALS_DIRECTORY/gemini-api-key present, that key is the one sent."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "gemini-api-key").write_text(TEST_KEY + "\n")
+    env = {**daemon_env, "CREDENTIALS_DIRECTORY": str(creds)}
+    drop(tmp_path / "inbox", "job.prompt", "a prompt")
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    try:
+        await until(finished(tmp_path / "outbox", 1))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await wait_exit(proc)
+    assert sidecars(tmp_path / "outbox")["job"].state == "succeeded"
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--concurrency", "0"], "concurrency"),
+    (["--base-url", "ftp://x"], "base_url"),
+    (["--config", "/nonexistent/reeldrop.toml"], "does not exist"),
+])
+async def test_a_bad_config_exits_2_with_a_clear_message(
+        tmp_path: Path, daemon_env: dict[str, str], flags: list[str], needle: str) -> None:
+    """A config error is one sentence on stderr and exit code 2, before anything is watched."""
+    proc = await asyncio.create_subprocess_exec(
+        *REELDROP, "run", "--inbox", str(tmp_path / "in"), "--outbox", str(tmp_path / "out"),
+        *flags, env=daemon_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _out, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert needle in err.decode()
+    assert "Traceback" not in err.decode()
+    assert not (tmp_path / "in").exists()
