@@ -1,0 +1,94 @@
+"""Intake: complete files only, every file once, links refused, two daemons on one inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from reeldrop.simulator import SimConfig, Simulator
+from reeldrop.watcher import InboxScanner
+
+from .support import drop, finished, make_config, running, sidecars, until
+
+
+def test_a_file_still_being_written_in_place_is_not_taken(tmp_path: Path) -> None:
+    """An in-place write is taken only once quiet for settle_s; a renamed-in file at once."""
+    scanner = InboxScanner(tmp_path, settle_s=60, max_bytes=1 << 20)
+    (tmp_path / "half.json").write_text('{"prompt": "a ca')
+    (tmp_path / "text.prompt").write_text("a prompt written in place")
+    drop(tmp_path, "renamed.prompt", "written elsewhere, renamed in")
+    os.utime(tmp_path / "renamed.prompt", ns=(0, 0))  # renamed after its last write
+    (tmp_path / "whole.json").write_text('{"prompt": "complete"}')
+    scan = scanner.scan()
+    assert sorted(p.name for p in scan.ready) == ["renamed.prompt", "whole.json"]
+    assert scan.next_check_s is not None and scan.next_check_s <= 60
+    assert InboxScanner(tmp_path, settle_s=0, max_bytes=1 << 20).scan().ready
+
+
+def test_hidden_temporary_and_other_names_are_left_alone(tmp_path: Path) -> None:
+    """Dotfiles, *.tmp, *.part, *~, directories and foreign names are never picked up."""
+    for name in (".x.prompt", "a.prompt.tmp", "b.part", "c.json~", "notes.txt", "v.mp4"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "dir.json").mkdir()
+    assert InboxScanner(tmp_path, settle_s=0, max_bytes=1 << 20).scan().ready == []
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(latency_s=0.05, latency_jitter_s=0.05, seed=4)
+
+
+async def test_a_symlink_is_refused_not_followed(tmp_path: Path, sim: Simulator) -> None:
+    """A link in the inbox fails with a message; the file it points to is neither read nor moved."""
+    secret = tmp_path / "secret.prompt"
+    secret.write_text("do not read me")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "link.prompt").symlink_to(secret)
+    async with running(make_config(tmp_path, sim.base_url)):
+        await until(finished(tmp_path / "outbox", 1))
+    doc = sidecars(tmp_path / "outbox")["link"]
+    assert doc.state == "failed"
+    assert doc.error is not None
+    assert "symbolic link" in doc.error.message
+    assert secret.read_text() == "do not read me"
+    assert sim.stats["submissions"] == 0
+
+
+async def test_a_burst_of_files_is_taken_completely(tmp_path: Path, sim: Simulator) -> None:
+    """1,000 files renamed in at once while the daemon runs: every one is claimed, once."""
+    async with running(make_config(tmp_path, sim.base_url, concurrency=50)):
+        inbox = tmp_path / "inbox"
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        for i in range(1000):
+            (staging / f"j{i:04d}.prompt").write_text(f"prompt {i}")
+        for i in range(1000):
+            os.rename(staging / f"j{i:04d}.prompt", inbox / f"j{i:04d}.prompt")
+        await until(finished(tmp_path / "outbox", 1000), timeout=240)
+    docs = sidecars(tmp_path / "outbox")
+    assert len(docs) == 1000
+    assert {d.state for d in docs.values()} == {"succeeded"}
+    assert sorted(sim.submissions.values()) == [1] * 1000
+
+
+async def test_two_daemons_sharing_an_inbox_take_each_file_once(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Claims are atomic renames: two daemons on one inbox and outbox never share a job."""
+    first = make_config(tmp_path, sim.base_url)
+    second = make_config(tmp_path, sim.base_url, state_dir=str(tmp_path / "inbox" / ".second"))
+    async with running(first), running(second):
+        for i in range(100):
+            drop(tmp_path / "inbox", f"j{i}.prompt", f"prompt {i}")
+        await until(finished(tmp_path / "outbox", 100), timeout=60)
+        await asyncio.sleep(0.2)
+    docs = sidecars(tmp_path / "outbox")
+    assert len(docs) == 100 and {d.state for d in docs.values()} == {"succeeded"}
+    assert sorted(sim.submissions.values()) == [1] * 100
+    one = {p.parent.name for p in (tmp_path / "inbox" / ".reeldrop" / "done").glob("*/*.prompt")}
+    two = {p.parent.name for p in (tmp_path / "inbox" / ".second" / "done").glob("*/*.prompt")}
+    assert len(one) + len(two) == 100
+    assert one and two, "one daemon took everything; the test proved nothing"
