@@ -24,8 +24,8 @@ from reeldrop.sidecar import Sidecar, read
 TEST_KEY = "AIzaTEST-reeldrop-0123456789abcdefghij"
 FAST: dict[str, Any] = {
     "poll_initial_s": 0.05, "poll_min_s": 0.05, "poll_max_s": 0.2, "settle_s": 0.3,
-    "retry_base_s": 0.05, "retry_cap_s": 0.5, "rescan_s": 5, "submissions_per_minute": 1000,
-    "concurrency": 8, "shutdown_grace_s": 5,
+    "retry_base_s": 0.05, "retry_cap_s": 0.5, "rescan_s": 5, "concurrency": 8,
+    "submissions_per_minute": 60000, "submit_burst": 50, "shutdown_grace_s": 5,
 }
 
 

@@ -97,7 +97,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     enhance_prompt: bool | None = None
     # Load
     concurrency: Count = 4
-    submissions_per_minute: Count = 10
+    submissions_per_minute: Positive = 10.0
+    submit_burst: Count = 2
     # Polling (see README "How polling adapts")
     poll_initial_s: NonNegative = 8.0
     poll_min_s: Positive = 1.0

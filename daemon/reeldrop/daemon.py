@@ -57,7 +57,7 @@ class Daemon:
                                          ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
             client = VeoClient(session, self.config)
-            gate = SubmitGate(self.config.submissions_per_minute)
+            gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
             self.runner = Runner(self.config, client, self.spool, gate, self.critical)
             async with asyncio.TaskGroup() as tg:
                 workers = [tg.create_task(self.worker()) for _ in range(self.config.concurrency)]
@@ -144,11 +144,13 @@ class Daemon:
             self.counts["busy"] += 1
             try:
                 member = await self.runner.run(run, index)
+                self.intake.release(member)
+                if run.all_done:
+                    await asyncio.shield(asyncio.to_thread(self._finish, run))
+            except Exception:  # noqa: BLE001 - one job's trouble must not stop the worker
+                log.get().exception("worker.job_error", job_id=run.job_id, index=index)
             finally:
                 self.counts["busy"] -= 1
-            self.intake.release(member)
-            if run.all_done:
-                await asyncio.shield(asyncio.to_thread(self._finish, run))
 
     async def intake_loop(self) -> None:
         while True:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from . import log, retry
 from .config import Config
-from .errors import APIError, GenerationFailed, GenerationTimeout, ReeldropError, describe
+from .errors import (
+    APIError,
+    GenerationFailed,
+    GenerationTimeout,
+    OutputError,
+    ReeldropError,
+    describe,
+)
 from .jobs import Member
 from .scheduler import SubmitGate, poll_delay
 from .sidecar import Sidecar, now
@@ -74,7 +81,10 @@ class Runner:
         except Exception as e:  # a bug must fail this job, not the daemon
             logger.exception("job.internal_error")
             member = run.members[index - 1].moved("failed", error=describe(e))
-        await asyncio.shield(self.spool.update(run, member))
+        try:
+            await asyncio.shield(self.spool.update(run, member))
+        except OutputError as e:  # the state is kept in memory; the log says what happened
+            logger.error("job.state_write_failed", error=e.message)
         logger.info(
             "job.finished", state=member.state, attempts=member.attempts,
             seconds=round(time.monotonic() - started, 3),

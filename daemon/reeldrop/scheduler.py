@@ -1,10 +1,11 @@
 """Pacing: how fast we submit, and how often we look at a running operation.
 
-Submissions pass one global gate: at most ``submissions_per_minute`` in any 60-second window,
-and when the service answers 429 every submitter waits out the service's delay, not only the
-one that got it. The effective limit then halves and climbs back by one per accepted
-submission (additive increase, multiplicative decrease), so a 429 storm settles instead of
-repeating.
+Submissions pass one global gate, a token bucket: ``submissions_per_minute`` tokens a minute,
+at most ``submit_burst`` saved up. When the service answers 429, every submitter waits out
+the service's delay (not only the one that got it), the bucket is emptied, and the rate
+halves; each accepted submission then adds one back per minute up to the configured rate
+(additive increase, multiplicative decrease). A 429 storm therefore settles on a pace the
+service accepts instead of repeating at every window.
 
 Polling adapts to the operation's age: the wait before the next look is ``poll_fraction`` of
 the time elapsed so far, clamped to [``poll_min_s``, ``poll_max_s``], with jitter so that
@@ -17,47 +18,52 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 
 from . import log
 from .config import Config
 
-WINDOW_S = 60.0
+MIN_RATE_PER_MIN = 1.0
 
 
 class SubmitGate:
-    def __init__(self, per_minute: int) -> None:
-        self.limit = per_minute
-        self.effective = float(per_minute)
+    def __init__(self, per_minute: float, burst: int = 1) -> None:
+        self.limit = float(per_minute)
+        self.rate = self.limit  # current submissions per minute
+        self.burst = float(burst)
+        self.tokens = self.burst
         self.paused_until = 0.0
-        self._sent: deque[float] = deque()
+        self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
 
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate / 60)
+        self._stamp = now
+
     async def wait_turn(self) -> None:
-        """Return when one submission may go out; counts it against the window."""
+        """Return when one submission may go out, and take its token."""
         async with self._lock:  # one waiter at a time keeps the order fair (FIFO)
             while True:
                 now = time.monotonic()
-                while self._sent and now - self._sent[0] >= WINDOW_S:
-                    self._sent.popleft()
-                wait = self.paused_until - now
-                if len(self._sent) >= max(1, int(self.effective)):
-                    wait = max(wait, self._sent[0] + WINDOW_S - now)
+                self._refill(now)
+                wait = max(self.paused_until - now, (1 - self.tokens) * 60 / self.rate)
                 if wait <= 0:
-                    self._sent.append(now)
+                    self.tokens -= 1
                     return
                 await asyncio.sleep(wait)
 
     def throttled(self, retry_after_s: float | None) -> None:
-        """The service said 429: pause everyone, and halve the pace."""
+        """The service said 429: pause everyone, empty the bucket, halve the pace."""
         delay = retry_after_s if retry_after_s is not None else 5.0
-        self.paused_until = max(self.paused_until, time.monotonic() + delay)
-        self.effective = max(1.0, self.effective / 2)
+        now = time.monotonic()
+        self._refill(now)
+        self.paused_until = max(self.paused_until, now + delay)
+        self.tokens = 0.0
+        self.rate = max(MIN_RATE_PER_MIN, self.rate / 2)
         log.get().warning("api.throttled", pause_s=round(delay, 3),
-                          per_minute=int(self.effective))
+                          per_minute=round(self.rate, 1))
 
     def accepted(self) -> None:
-        self.effective = min(float(self.limit), self.effective + 1)
+        self.rate = min(self.limit, self.rate + 1)
 
 
 def poll_delay(elapsed_s: float, config: Config, rng: random.Random | None = None) -> float:

@@ -45,6 +45,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     rate_fail: float = 0.0
     rate_filtered: float = 0.0
     requests_per_minute: int | None = None
+    rate_window_s: float = 60.0  # the window requests_per_minute counts in (shorter in tests)
     retry_delay_s: float = 1.0
     video_bytes: int | None = None  # pad every video to this size
     expire_after_s: float = 2 * 86400.0
@@ -165,11 +166,12 @@ class Simulator:
                           "Please refer to Gemini API documentation for current model offering.")
         limit = self.config.requests_per_minute
         now = time.monotonic()
-        while self._window and now - self._window[0] >= 60:
+        window = self.config.rate_window_s
+        while self._window and now - self._window[0] >= window:
             self._window.popleft()
         if limit is not None and len(self._window) >= limit:
             self.events.append((time.time(), "429", prompt))
-            return self._too_many(self._window[0] + 60 - now)
+            return self._too_many(self._window[0] + window - now)
         self._window.append(now)
         op_id = "".join(self.rng.choices(string.ascii_lowercase + string.digits, k=12))
         name = f"models/{model}/operations/{op_id}"

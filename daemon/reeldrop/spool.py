@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import log, sidecar
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
 from .writer import atomic_write, fsync_dir
 
@@ -94,10 +94,28 @@ class Spool:
         return JobRun(job_id=job_id, directory=directory, source=path.name)
 
     def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False) -> None:
-        """Persist a member: spool record first (the truth), then the public sidecar."""
+        """Persist a member: spool record first (the truth), then the public sidecar.
+
+        An outbox deleted under us is created again; other write errors become OutputError
+        (FileExistsError from an ``exclusive`` write passes through: the name is taken).
+        """
         path = run.directory / f"{MEMBER_PREFIX}{member.index:04d}.json"
-        atomic_write(path, sidecar.encode(member), self.file_mode)
-        sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
+        try:
+            atomic_write(path, sidecar.encode(member), self.file_mode)
+        except OSError as e:
+            raise OutputError(f"Cannot record the job's state in {run.directory}: "
+                              f"{e.strerror}.") from None
+        try:
+            sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
+        except FileExistsError:
+            raise
+        except FileNotFoundError:
+            log.get().warning("outbox.recreated", outbox=str(self.outbox))
+            self.outbox.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+            sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
+        except OSError as e:
+            raise OutputError(f"Cannot write the sidecar {member.output}.json into "
+                              f"{self.outbox}: {e.strerror}.") from None
 
     async def update(self, run: JobRun, member: Sidecar) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
