@@ -105,3 +105,11 @@ async def spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subp
 
 async def wait_exit(proc: asyncio.subprocess.Process, timeout: float = 30) -> int:
     return await asyncio.wait_for(proc.wait(), timeout)
+
+
+async def wait_ready(log: Path, before: int, timeout: float = 20) -> None:
+    """Wait for one more `daemon.ready` line in a subprocess's JSON log than ``before``."""
+    def ready_count() -> int:
+        return log.read_bytes().count(b'"daemon.ready"') if log.exists() else 0
+
+    await until(lambda: ready_count() > before, timeout, what="daemon.ready")

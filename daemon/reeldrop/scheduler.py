@@ -3,9 +3,9 @@
 Submissions pass one global gate, a token bucket: ``submissions_per_minute`` tokens a minute,
 at most ``submit_burst`` saved up. When the service answers 429, every submitter waits out
 the service's delay (not only the one that got it), the bucket is emptied, and the rate
-halves; each accepted submission then adds one back per minute up to the configured rate
-(additive increase, multiplicative decrease). A 429 storm therefore settles on a pace the
-service accepts instead of repeating at every window.
+halves; each accepted submission then raises it by 5% (plus one a minute) up to the
+configured rate. A 429 storm therefore settles near a pace the service accepts instead of
+repeating at every window, and a single 429 costs only a few slower submissions.
 
 Polling adapts to the operation's age: the wait before the next look is ``poll_fraction`` of
 the time elapsed so far, clamped to [``poll_min_s``, ``poll_max_s``], with jitter so that
@@ -23,6 +23,7 @@ from . import log
 from .config import Config
 
 MIN_RATE_PER_MIN = 1.0
+RECOVERY = 1.05  # per accepted submission: back to full pace after a halving in ~15 calls
 
 
 class SubmitGate:
@@ -63,7 +64,7 @@ class SubmitGate:
                           per_minute=round(self.rate, 1))
 
     def accepted(self) -> None:
-        self.rate = min(self.limit, self.rate + 1)
+        self.rate = min(self.limit, self.rate * RECOVERY + 1)
 
 
 def poll_delay(elapsed_s: float, config: Config, rng: random.Random | None = None) -> float:

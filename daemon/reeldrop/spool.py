@@ -148,7 +148,7 @@ class Spool:
             sources = [p for p in files if not p.name.startswith(MEMBER_PREFIX)]
             members = [m for p in sorted(files) if p.name.startswith(MEMBER_PREFIX)
                        if (m := sidecar.read(p)) is not None]
-            if not sources and not members:
+            if not files:
                 log.get().info("spool.removed_empty_claim", job_id=directory.name)
                 directory.rmdir()  # a crash between mkdir and the claim rename
                 continue

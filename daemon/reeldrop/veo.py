@@ -218,8 +218,8 @@ def error_from_response(
                 delay = parse_delay(str(detail.get("retryDelay", "")))
     except msgspec.DecodeError:
         message = data[:200].decode("utf-8", "replace").strip()
-    header_delay = parse_delay(headers.get("Retry-After"))
-    delay = max(filter(None, (delay, header_delay)), default=None)
+    if delay is None:  # RetryInfo is the finer of the two hints (Retry-After is whole seconds)
+        delay = parse_delay(headers.get("Retry-After"))
     label = f"{status} {canonical or reason or ''}".strip()
     text = f"The service answered {label}: {message or 'no message'}".rstrip(".") + "."
     return APIError(text, status=status, retryable=status in RETRYABLE_STATUSES,
