@@ -24,7 +24,7 @@ from .intake import Intake
 from .notify import Notifier
 from .runner import Runner
 from .scheduler import SubmitGate
-from .sidecar import TERMINAL
+from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 from .veo import VeoClient
 from .writer import PARTIAL_DIR
@@ -40,7 +40,6 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.queue: asyncio.Queue[tuple[JobRun, int]] = asyncio.Queue()
         self.counts = {"done": 0, "failed": 0, "busy": 0}
-        self.critical: set[asyncio.Task[object]] = set()
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
         self.ready = asyncio.Event()
@@ -58,7 +57,7 @@ class Daemon:
         async with aiohttp.ClientSession(connector=connector) as session:
             client = VeoClient(session, self.config)
             gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
-            self.runner = Runner(self.config, client, self.spool, gate, self.critical)
+            self.runner = Runner(self.config, client, self.spool, gate, self.settled)
             async with asyncio.TaskGroup() as tg:
                 workers = [tg.create_task(self.worker()) for _ in range(self.config.concurrency)]
                 helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
@@ -81,7 +80,9 @@ class Daemon:
                 if len(parts) < 5 or parts[-4] not in live_ids:
                     p.unlink(missing_ok=True)
         for run in runs:
-            if not run.members:
+            if run.members:
+                await asyncio.to_thread(self.spool.republish, run)
+            else:
                 await asyncio.to_thread(self.intake.accept, run)
             self.intake.adopt(run)
             self.enqueue(run)
@@ -102,13 +103,16 @@ class Daemon:
         self.stop_watching.set()
         for task in helpers:
             task.cancel()
+        critical = self.runner.critical
         deadline = time.monotonic() + self.config.shutdown_grace_s
-        while self.critical and time.monotonic() < deadline and not self.force_exit.is_set():
+        while critical and time.monotonic() < deadline and not self.force_exit.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.force_exit.wait(), 0.05)
-        interrupted = len(self.critical)
+        interrupted = len(critical)
         for task in workers:
             task.cancel()
+        if self.runner.settling:  # final writes already started: let them land
+            await asyncio.wait(list(self.runner.settling), timeout=10)
         log.get().info("daemon.stopped", in_flight=self.counts["busy"],
                        interrupted=interrupted, queued=self.queue.qsize(),
                        done=self.counts["done"], failed=self.counts["failed"])
@@ -127,14 +131,18 @@ class Daemon:
         for member in run.members:
             if member.state not in TERMINAL:
                 self.queue.put_nowait((run, member.index))
-        if run.all_done:
-            self._finish(run)
+        self._archive(run)
 
-    def _finish(self, run: JobRun) -> None:
-        for member in run.members:
-            self.counts["done" if member.state == "succeeded" else "failed"] += 1
-        target = self.spool.finish(run)
-        log.get().info("job.archived", job_id=run.job_id, to=str(target.parent.name))
+    def settled(self, run: JobRun, member: Sidecar) -> None:
+        """A member reached its final state (called in a worker thread, once per member)."""
+        self.counts["done" if member.state == "succeeded" else "failed"] += 1
+        self.intake.release(member)
+        self._archive(run)
+
+    def _archive(self, run: JobRun) -> None:
+        target = self.spool.archive_if_done(run)
+        if target is not None:
+            log.get().info("job.archived", job_id=run.job_id, to=target.parent.name)
 
     async def worker(self) -> None:
         while True:
@@ -143,10 +151,7 @@ class Daemon:
                 self.wake.set()  # intake may have paused at queue_max
             self.counts["busy"] += 1
             try:
-                member = await self.runner.run(run, index)
-                self.intake.release(member)
-                if run.all_done:
-                    await asyncio.shield(asyncio.to_thread(self._finish, run))
+                await self.runner.run(run, index)
             except Exception:  # noqa: BLE001 - one job's trouble must not stop the worker
                 log.get().exception("worker.job_error", job_id=run.job_id, index=index)
             finally:
@@ -180,6 +185,7 @@ class Daemon:
         except Exception:  # noqa: BLE001 - e.g. the outbox is gone: keep the claim for a restart
             log.get().exception("intake.accept_failed", job_id=run.job_id, source=run.source)
             return None
+        self.counts["failed"] += sum(m.state == "failed" for m in run.members)  # invalid files
         return run
 
     async def watch(self) -> None:

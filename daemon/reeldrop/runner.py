@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import log, retry
 from .config import Config
@@ -42,9 +43,11 @@ def _age_s(stamp: str | None) -> float:
 
 class Runner:
     def __init__(self, config: Config, client: VeoClient, spool: Spool, gate: SubmitGate,
-                 critical: set[asyncio.Task[object]] | None = None):
+                 on_settled: Callable[[JobRun, Sidecar], None] | None = None):
         self.config, self.client, self.spool, self.gate = config, client, spool, gate
-        self.critical = critical if critical is not None else set()
+        self.on_settled = on_settled or (lambda _run, _member: None)
+        self.critical: set[asyncio.Task[Any]] = set()  # tasks in a step shutdown lets finish
+        self.settling: set[asyncio.Future[None]] = set()  # final writes under way
 
     @contextlib.contextmanager
     def _critical(self) -> Iterator[None]:
@@ -81,10 +84,12 @@ class Runner:
         except Exception as e:  # a bug must fail this job, not the daemon
             logger.exception("job.internal_error")
             member = run.members[index - 1].moved("failed", error=describe(e))
-        try:
-            await asyncio.shield(self.spool.update(run, member))
-        except OutputError as e:  # the state is kept in memory; the log says what happened
-            logger.error("job.state_write_failed", error=e.message)
+        # One blocking step, shielded: the final record, then whatever follows a finished
+        # member (archiving the job). Once started it completes, even during shutdown.
+        settling = asyncio.ensure_future(asyncio.to_thread(self._settle, run, member))
+        self.settling.add(settling)
+        settling.add_done_callback(self.settling.discard)
+        await asyncio.shield(settling)
         logger.info(
             "job.finished", state=member.state, attempts=member.attempts,
             seconds=round(time.monotonic() - started, 3),
@@ -92,6 +97,13 @@ class Runner:
             error=member.error.message if member.error else None,
         )
         return member
+
+    def _settle(self, run: JobRun, member: Sidecar) -> None:
+        try:
+            self.spool.record(run, member)
+        except OutputError as e:  # the state is kept in memory; the log says what happened
+            log.get().error("job.state_write_failed", job_id=run.job_id, error=e.message)
+        self.on_settled(run, member)
 
     async def _submit(self, run: JobRun, member: Sidecar, logger: log.Logger) -> Sidecar:
         if member.state == "submitting":

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ class JobRun:
     directory: Path
     source: str
     members: list[Sidecar] = field(default_factory=list)
-    batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # batch file and archiving
+    archived: bool = False
 
     @property
     def source_path(self) -> Path:
@@ -117,27 +119,45 @@ class Spool:
             raise OutputError(f"Cannot write the sidecar {member.output}.json into "
                               f"{self.outbox}: {e.strerror}.") from None
 
+    def record(self, run: JobRun, member: Sidecar) -> None:
+        """Persist a member and, for an array job that it ends, the batch summary (blocking)."""
+        run.members[member.index - 1] = member
+        self.save(run, member)
+        if run.is_batch and member.done:
+            with run.lock:
+                snapshot = list(run.members)
+                sidecar.write_batch(self.outbox, snapshot[0].batch or run.job_id, snapshot,
+                                    self.file_mode)
+
     async def update(self, run: JobRun, member: Sidecar) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
         run.members[member.index - 1] = member
-        await asyncio.to_thread(self.save, run, member)
-        if run.is_batch and member.done:
-            async with run.batch_lock:
-                snapshot = list(run.members)
-                await asyncio.to_thread(
-                    sidecar.write_batch, self.outbox, snapshot[0].batch or run.job_id, snapshot,
-                    self.file_mode,
-                )
+        await asyncio.to_thread(self.record, run, member)
 
-    def finish(self, run: JobRun) -> Path:
-        """Move a job whose members are all terminal to done/ or failed/."""
-        failed = any(m.state == "failed" for m in run.members) or not run.members
-        target = (self.failed if failed else self.done) / run.job_id
-        os.rename(run.directory, target)
-        fsync_dir(target.parent)
-        fsync_dir(self.jobs)
-        run.directory = target
-        return target
+    def republish(self, run: JobRun) -> None:
+        """Recovery: make the public sidecars match the spool's records again.
+
+        A crash between the two writes of ``save()`` leaves the record (the truth) ahead of
+        the sidecar; consumers must not be left watching a stale state.
+        """
+        for member in run.members:
+            sidecar.publish(self.outbox, member, self.file_mode)
+        if run.is_batch and any(m.done for m in run.members):
+            sidecar.write_batch(self.outbox, run.members[0].batch or run.job_id, run.members,
+                                self.file_mode)
+
+    def archive_if_done(self, run: JobRun) -> Path | None:
+        """Move a job whose members are all terminal to done/ or failed/ (once; blocking)."""
+        with run.lock:
+            if run.archived or not run.all_done:
+                return None
+            failed = any(m.state == "failed" for m in run.members) or not run.members
+            target = (self.failed if failed else self.done) / run.job_id
+            os.rename(run.directory, target)
+            fsync_dir(target.parent)
+            fsync_dir(self.jobs)
+            run.directory, run.archived = target, True
+            return target
 
     def recover(self) -> list[JobRun]:
         """The jobs a previous run left claimed, after removing what a crash leaves behind."""
