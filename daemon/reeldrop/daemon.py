@@ -133,11 +133,12 @@ class Daemon:
                 self.queue.put_nowait((run, member.index))
         self._archive(run)
 
-    def settled(self, run: JobRun, member: Sidecar) -> None:
+    def settled(self, run: JobRun, member: Sidecar, archived: Path | None) -> None:
         """A member reached its final state (called in a worker thread, once per member)."""
         self.counts["done" if member.state == "succeeded" else "failed"] += 1
         self.intake.release(member)
-        self._archive(run)
+        if archived is not None:
+            log.get().info("job.archived", job_id=run.job_id, to=archived.parent.name)
 
     def _archive(self, run: JobRun) -> None:
         target = self.spool.archive_if_done(run)

@@ -43,9 +43,9 @@ def _age_s(stamp: str | None) -> float:
 
 class Runner:
     def __init__(self, config: Config, client: VeoClient, spool: Spool, gate: SubmitGate,
-                 on_settled: Callable[[JobRun, Sidecar], None] | None = None):
+                 on_settled: Callable[[JobRun, Sidecar, Path | None], None] | None = None):
         self.config, self.client, self.spool, self.gate = config, client, spool, gate
-        self.on_settled = on_settled or (lambda _run, _member: None)
+        self.on_settled = on_settled or (lambda _run, _member, _archived: None)
         self.critical: set[asyncio.Task[Any]] = set()  # tasks in a step shutdown lets finish
         self.settling: set[asyncio.Future[None]] = set()  # final writes under way
 
@@ -99,11 +99,12 @@ class Runner:
         return member
 
     def _settle(self, run: JobRun, member: Sidecar) -> None:
+        archived = None
         try:
-            self.spool.record(run, member)
-        except OutputError as e:  # the state is kept in memory; the log says what happened
+            archived = self.spool.settle(run, member)
+        except OutputError as e:  # kept claimed: a restart picks the member up again
             log.get().error("job.state_write_failed", job_id=run.job_id, error=e.message)
-        self.on_settled(run, member)
+        self.on_settled(run, member, archived)
 
     async def _submit(self, run: JobRun, member: Sidecar, logger: log.Logger) -> Sidecar:
         if member.state == "submitting":

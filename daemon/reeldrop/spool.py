@@ -120,14 +120,22 @@ class Spool:
                               f"{self.outbox}: {e.strerror}.") from None
 
     def record(self, run: JobRun, member: Sidecar) -> None:
-        """Persist a member and, for an array job that it ends, the batch summary (blocking)."""
+        """Persist a member's intermediate state (blocking)."""
         run.members[member.index - 1] = member
         self.save(run, member)
-        if run.is_batch and member.done:
-            with run.lock:
-                snapshot = list(run.members)
-                sidecar.write_batch(self.outbox, snapshot[0].batch or run.job_id, snapshot,
-                                    self.file_mode)
+
+    def settle(self, run: JobRun, member: Sidecar) -> Path | None:
+        """Persist a member's final state; archive the job if it was the last (blocking).
+
+        Under the job's lock, so the job is archived only after every final record landed
+        (another member's in-memory state may run ahead of its file).
+        """
+        with run.lock:
+            self.record(run, member)
+            if run.is_batch:
+                sidecar.write_batch(self.outbox, run.members[0].batch or run.job_id,
+                                    list(run.members), self.file_mode)
+            return self._archive_locked(run)
 
     async def update(self, run: JobRun, member: Sidecar) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
@@ -149,15 +157,18 @@ class Spool:
     def archive_if_done(self, run: JobRun) -> Path | None:
         """Move a job whose members are all terminal to done/ or failed/ (once; blocking)."""
         with run.lock:
-            if run.archived or not run.all_done:
-                return None
-            failed = any(m.state == "failed" for m in run.members) or not run.members
-            target = (self.failed if failed else self.done) / run.job_id
-            os.rename(run.directory, target)
-            fsync_dir(target.parent)
-            fsync_dir(self.jobs)
-            run.directory, run.archived = target, True
-            return target
+            return self._archive_locked(run)
+
+    def _archive_locked(self, run: JobRun) -> Path | None:
+        if run.archived or not run.all_done:
+            return None
+        failed = any(m.state == "failed" for m in run.members) or not run.members
+        target = (self.failed if failed else self.done) / run.job_id
+        os.rename(run.directory, target)
+        fsync_dir(target.parent)
+        fsync_dir(self.jobs)
+        run.directory, run.archived = target, True
+        return target
 
     def recover(self) -> list[JobRun]:
         """The jobs a previous run left claimed, after removing what a crash leaves behind."""
