@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import resource
+import shutil
 import signal
 from pathlib import Path
 
@@ -235,3 +236,54 @@ async def test_a_full_disk_fails_the_job_cleanly_and_the_daemon_stays_up(
         assert "disk is full" in doc.error.message
     assert not list((tmp_path / "outbox").glob("*.mp4"))
     assert not list((tmp_path / "outbox" / ".partial").iterdir())
+
+
+async def test_spent_budgets_end_in_a_failed_sidecar_with_the_last_error(tmp_path: Path) -> None:
+    """A create budget spent on 429s, and a poll deadline passed, each end `failed` with the
+    reason; nothing retries forever."""
+    sim = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0, seed=1, retry_delay_s=0.01))
+    await sim.start()
+    try:
+        config = make_config(tmp_path, sim.base_url, create_tries=3, poll_deadline_s=0.5)
+        async with running(config):
+            sim.config = msgspec.structs.replace(sim.config, rate_429=1.0)
+            drop(tmp_path / "inbox", "quota.prompt", "never accepted")
+            await until(finished(tmp_path / "outbox", 1))
+            sim.config = msgspec.structs.replace(sim.config, rate_429=0.0, latency_s=2.0)
+            drop(tmp_path / "inbox", "slow.prompt", "takes too long")
+            await until(finished(tmp_path / "outbox", 2))
+    finally:
+        await sim.stop()
+    docs = sidecars(tmp_path / "outbox")
+    quota, slow = docs["quota"], docs["slow"]
+    assert quota.state == "failed" and quota.attempts == 3
+    assert quota.error is not None and quota.error.status == 429 and quota.error.retryable
+    assert "RESOURCE_EXHAUSTED" in quota.error.message
+    assert slow.state == "failed"
+    assert slow.error is not None and slow.error.type == "GenerationTimeout"
+    assert "poll_deadline_s" in slow.error.message and slow.operation in slow.error.message
+
+
+async def test_an_outbox_deleted_under_the_daemon_is_created_again(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Removing the whole outbox while the daemon runs costs nothing: the next job recreates
+    it and succeeds."""
+    outbox = tmp_path / "outbox"
+    async with running(make_config(tmp_path, sim.base_url)):
+        drop(tmp_path / "inbox", "first.prompt", "a prompt")
+        await until(finished(outbox, 1))
+        shutil.rmtree(outbox)
+        drop(tmp_path / "inbox", "second.prompt", "another prompt")
+        await until(finished(outbox, 1))
+    assert sidecars(outbox)["second"].state == "succeeded"
+    assert (outbox / "second.mp4").stat().st_size > 0
+
+
+async def test_polling_mode_for_network_filesystems(tmp_path: Path, sim: Simulator) -> None:
+    """With --poll the watcher polls instead of using inotify, and jobs still flow."""
+    config = make_config(tmp_path, sim.base_url, poll=True, poll_delay_ms=100)
+    async with running(config):
+        drop(tmp_path / "inbox", "polled.prompt", "a prompt")
+        # Well inside rescan_s (5 s), so the periodic rescan cannot be what found it.
+        await until(finished(tmp_path / "outbox", 1), timeout=3)
+    assert sidecars(tmp_path / "outbox")["polled"].state == "succeeded"

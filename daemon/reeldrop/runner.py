@@ -113,6 +113,11 @@ class Runner:
                     "The daemon stopped while this job's create call was in flight, so the "
                     "service may or may not have started it; drop the file again to retry.")
             logger.warning("job.resubmit_unconfirmed", attempts=member.attempts)
+        remaining = self.config.create_tries - member.attempts
+        if remaining <= 0:  # the budget holds across restarts: a job never retries forever
+            raise GenerationFailed(
+                f"Gave up after {member.attempts} create attempts (create_tries) without an "
+                "operation from the service; drop the file again to retry.")
         current = member
         request = Member(prompt=member.prompt, model=member.model,
                          parameters=member.parameters, output=member.output)
@@ -138,7 +143,7 @@ class Runner:
             return operation
 
         await retry.call(
-            create, tries=self.config.create_tries, base_s=self.config.retry_base_s,
+            create, tries=remaining, base_s=self.config.retry_base_s,
             cap_s=self.config.retry_cap_s, phase="create", before_try=before_try)
         self.gate.accepted()
         assert current.operation is not None

@@ -7,6 +7,7 @@ consumers read. Every field is documented in the README; treat it as a public in
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -84,10 +85,15 @@ def path_for(outbox: Path, output: str) -> Path:
     return outbox / f"{output}.json"
 
 
-def read(path: Path) -> Sidecar | None:
-    """The sidecar at ``path``, or None if it is missing or not ours to read."""
+def read(path: Path, max_bytes: int = 1 << 20) -> Sidecar | None:
+    """The sidecar at ``path``, or None if it is missing, a link, or not ours to read."""
     try:
-        return decode_sidecar(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return decode_sidecar(f.read(max_bytes))
     except (OSError, msgspec.DecodeError):
         return None
 

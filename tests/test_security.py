@@ -1,0 +1,94 @@
+"""Security of the daemon itself: redaction, links in the outbox, W^X memory, file modes."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reeldrop.log import Redactor
+from reeldrop.simulator import SimConfig, Simulator
+
+from .support import REELDROP, drop, finished, make_config, running, sidecars, until
+
+
+def test_the_redactor_scrubs_the_key_and_anything_shaped_like_one() -> None:
+    """Known secrets and Google-key-shaped strings vanish from every field, nested or not."""
+    redact = Redactor(["s3cret-value"])
+    event = redact(None, "info", {
+        "event": "x", "url": "https://h/?key=s3cret-value", "nested": {"k": ["s3cret-value"]},
+        "other": "AIzaSyA1234567890abcdefghijklmnopqrstu", "n": 3,
+    })
+    assert event == {"event": "x", "url": "https://h/?key=[redacted]",
+                     "nested": {"k": ["[redacted]"]}, "other": "[redacted]", "n": 3}
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(latency_s=0.05, latency_jitter_s=0.0, seed=2)
+
+
+async def test_links_planted_in_the_outbox_are_never_written_through(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A symlink at a job's sidecar or video name is not followed: the target stays intact."""
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "job.json").symlink_to(target)
+    (outbox / "job.2.mp4").symlink_to(target)
+    async with running(make_config(tmp_path, sim.base_url)):
+        drop(tmp_path / "inbox", "job.prompt", "a prompt")
+        await until(finished(outbox, 1))
+    assert target.read_text() == "keep me"
+    [doc] = sidecars(outbox).values()
+    assert doc.state == "succeeded" and doc.output == "job.3"
+    assert (outbox / "job.json").is_symlink() and (outbox / "job.2.mp4").is_symlink()
+
+
+async def test_created_files_and_directories_get_the_configured_modes(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Videos and sidecars get file_mode, directories dir_mode; nothing is world-writable."""
+    config = make_config(tmp_path, sim.base_url, file_mode="0660", dir_mode="0770")
+    async with running(config):
+        drop(tmp_path / "inbox", "job.prompt", "a prompt")
+        await until(finished(tmp_path / "outbox", 1))
+    outbox = tmp_path / "outbox"
+    assert stat.S_IMODE((outbox / "job.mp4").stat().st_mode) == 0o660
+    assert stat.S_IMODE((outbox / "job.json").stat().st_mode) == 0o660
+    for path in tmp_path.rglob("*"):
+        if path.is_symlink():
+            continue
+        assert not path.stat().st_mode & stat.S_IWOTH, path
+    assert stat.S_IMODE((tmp_path / "inbox" / ".reeldrop" / "done").stat().st_mode) & 0o007 == 0
+
+
+def _mdwe_supported() -> bool:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return libc.prctl(66, 0, 0, 0, 0) >= 0  # PR_GET_MDWE
+
+
+@pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux < 6.3)")
+def test_the_daemon_runs_with_memory_deny_write_execute(tmp_path: Path) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes: the whole demo (daemon, simulator, every
+    compiled extension) runs under the kernel's W^X refusal, the same rule systemd applies."""
+
+    def deny_write_execute() -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE) failed")
+
+    probe = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)"
+    refused = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False,
+                             preexec_fn=deny_write_execute)
+    assert refused.returncode != 0, "W^X was not in force; this test would prove nothing"
+    done = subprocess.run([*REELDROP, "demo", "--outbox", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=deny_write_execute)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "7 of 7 succeeded" in done.stdout
