@@ -17,22 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import log, retry
+from . import log
 from .config import Config
-from .errors import (
-    APIError,
-    GenerationFailed,
-    GenerationTimeout,
-    OutputError,
-    ReeldropError,
-    describe,
-)
+from .errors import GenerationFailed, OutputError, ReeldropError, describe
+from .generation import Generation
 from .jobs import Member
-from .scheduler import SubmitGate, poll_delay
+from .scheduler import SubmitGate
 from .sidecar import Sidecar, now
 from .spool import JobRun, Spool
-from .veo import VeoClient, video_uris
-from .writer import PARTIAL_DIR, VideoFile, download_video
+from .veo import VeoClient
+from .writer import PARTIAL_DIR, VideoFile
 
 
 def _age_s(stamp: str | None) -> float:
@@ -44,7 +38,8 @@ def _age_s(stamp: str | None) -> float:
 class Runner:
     def __init__(self, config: Config, client: VeoClient, spool: Spool, gate: SubmitGate,
                  on_settled: Callable[[JobRun, Sidecar, Path | None], None] | None = None):
-        self.config, self.client, self.spool, self.gate = config, client, spool, gate
+        self.config, self.spool = config, spool
+        self.generation = Generation(client, gate, config)
         self.on_settled = on_settled or (lambda _run, _member, _archived: None)
         self.critical: set[asyncio.Task[Any]] = set()  # tasks in a step shutdown lets finish
         self.settling: set[asyncio.Future[None]] = set()  # final writes under way
@@ -72,7 +67,7 @@ class Runner:
         try:
             if member.operation is None:
                 member = await self._submit(run, member, logger)
-            uris = await self._await_done(run, member)
+            uris = await self._await_done(member)
             member = member.moved("downloading")
             await self.spool.update(run, member)
             videos = await self._download(run, member, uris)
@@ -124,56 +119,25 @@ class Runner:
 
         async def before_try() -> None:
             nonlocal current
-            await self.gate.wait_turn()
             current = current.moved("submitting", attempts=current.attempts + 1)
             await self.spool.update(run, current)  # the try counts even if we crash in it
 
-        async def create() -> str:
+        async def store(operation: str) -> None:
             nonlocal current
-            with self._critical():  # shutdown lets the call finish and its answer be stored
-                try:
-                    operation = await self.client.create(request)
-                except APIError as e:
-                    if e.status == 429:
-                        self.gate.throttled(e.retry_after_s)
-                    raise
-                current = current.moved("generating", operation=operation, submitted_at=now())
-                # Durable before anything else happens: a restart polls it, never resubmits.
-                await asyncio.shield(self.spool.update(run, current))
-            return operation
+            current = current.moved("generating", operation=operation, submitted_at=now())
+            # Durable before anything else happens: a restart polls it, never resubmits.
+            await asyncio.shield(self.spool.update(run, current))
 
-        await retry.call(
-            create, tries=remaining, base_s=self.config.retry_base_s,
-            cap_s=self.config.retry_cap_s, phase="create", before_try=before_try)
-        self.gate.accepted()
+        await self.generation.create(request, tries=remaining, before_try=before_try,
+                                     on_created=store, guard=self._critical)
         assert current.operation is not None
         logger.info("job.submitted", operation=current.operation, attempts=current.attempts)
         return current
 
-    async def _await_done(self, run: JobRun, member: Sidecar) -> list[str]:
+    async def _await_done(self, member: Sidecar) -> list[str]:
         assert member.operation is not None
-        operation = member.operation
-        deadline_s = self.config.poll_deadline_s
-        await asyncio.sleep(max(0.0, self.config.poll_initial_s - _age_s(member.submitted_at)))
-        while True:
-            try:
-                op = await retry.call(
-                    lambda: self.client.poll(operation), tries=self.config.poll_error_tries,
-                    base_s=self.config.retry_base_s, cap_s=self.config.retry_cap_s, phase="poll")
-            except APIError as e:
-                if e.status == 404:
-                    raise GenerationFailed(
-                        f"The service no longer knows operation {operation} (404); operations "
-                        "and their videos are kept for 2 days.") from None
-                raise
-            if op.done:
-                return video_uris(op)
-            elapsed = _age_s(member.submitted_at)
-            if elapsed > deadline_s:
-                raise GenerationTimeout(
-                    f"The operation did not finish within {deadline_s:g} s (poll_deadline_s); "
-                    f"it may still finish on the service as {operation}.")
-            await asyncio.sleep(min(poll_delay(elapsed, self.config), deadline_s - elapsed + 0.01))
+        return await self.generation.wait(member.operation,
+                                          age_s=lambda: _age_s(member.submitted_at))
 
     async def _download(self, run: JobRun, member: Sidecar, uris: list[str]) -> list[VideoFile]:
         outbox = self.spool.outbox
@@ -183,12 +147,6 @@ class Runner:
         for i, uri in enumerate(uris, start=1):
             name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"
             partial = partial_dir / f"{member.output}.{run.job_id}.{i}.mp4.part"
-            videos.append(await self._download_one(uri, partial, outbox / name))
+            with self._critical():
+                videos.append(await self.generation.download(uri, partial, outbox / name))
         return videos
-
-    async def _download_one(self, uri: str, partial: Path, final: Path) -> VideoFile:
-        with self._critical():
-            return await retry.call(
-                lambda: download_video(self.client, uri, partial, final, self.config.file_mode),
-                tries=self.config.download_tries, base_s=self.config.retry_base_s,
-                cap_s=self.config.retry_cap_s, phase="download")

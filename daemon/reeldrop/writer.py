@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +23,7 @@ import msgspec
 from .errors import DownloadError, OutputError
 from .veo import VeoClient
 
+Progress = Callable[[int, int | None], None]  # (bytes on disk, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
 PARTIAL_DIR = ".partial"
 
@@ -89,7 +91,8 @@ def _check_signature(path: Path) -> None:
 
 
 async def download_video(
-    client: VeoClient, uri: str, partial: Path, final: Path, mode: int
+    client: VeoClient, uri: str, partial: Path, final: Path, mode: int, *,
+    progress: Progress | None = None,
 ) -> VideoFile:
     """Stream one video to ``partial`` (resuming it with Range if present), verify, publish.
 
@@ -99,7 +102,7 @@ async def download_video(
     offset = _size(partial)
     resp = await client.open_download(uri, offset)
     try:
-        size, expected, digest = await _receive(resp, partial, offset, mode)
+        size, expected, digest = await _receive(resp, partial, offset, mode, progress)
     finally:
         resp.release()
     if expected is not None and size != expected:
@@ -119,7 +122,8 @@ async def download_video(
 
 
 async def _receive(
-    resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int
+    resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int,
+    progress: Progress | None,
 ) -> tuple[int, int | None, hashlib._Hash]:
     """Stream the body into ``partial`` (appending if the server honoured our Range), fsync.
 
@@ -147,6 +151,8 @@ async def _receive(
             while view:
                 view = view[os.write(fd, view):]
             size += len(chunk)
+            if progress is not None:
+                progress(size, expected)
         await asyncio.to_thread(os.fsync, fd)
     except (aiohttp.ClientError, TimeoutError) as e:
         raise DownloadError(

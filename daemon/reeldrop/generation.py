@@ -1,0 +1,116 @@
+"""One video with the service: create → wait → download, with retries and pacing.
+
+The steps the daemon and the library share (one implementation). Nothing here persists
+anything: callers hook in where they need to (the daemon stores each try and the operation
+name; the library reports progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from . import retry
+from .config import Config
+from .errors import APIError, GenerationFailed, GenerationTimeout
+from .jobs import Member
+from .scheduler import SubmitGate, poll_delay
+from .veo import VeoClient, video_uris
+from .writer import Progress, VideoFile, download_video
+
+
+class Generation:
+    def __init__(self, client: VeoClient, gate: SubmitGate, config: Config) -> None:
+        self.client, self.gate, self.config = client, gate, config
+
+    async def create(
+        self,
+        request: Member,
+        *,
+        tries: int | None = None,
+        before_try: Callable[[], Awaitable[None]] | None = None,
+        on_created: Callable[[str], Awaitable[None]] | None = None,
+        guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> str:
+        """Start the generation; returns the operation name.
+
+        Every try first passes the global submission gate, then ``before_try``. ``on_created``
+        runs inside ``guard`` together with the call, so the caller can make "call answered"
+        and "answer stored" one step that shutdown lets finish.
+        """
+
+        async def gated() -> None:
+            await self.gate.wait_turn()
+            if before_try is not None:
+                await before_try()
+
+        async def attempt() -> str:
+            with guard():
+                try:
+                    operation = await self.client.create(request)
+                except APIError as e:
+                    if e.status == 429:
+                        self.gate.throttled(e.retry_after_s)
+                    raise
+                if on_created is not None:
+                    await on_created(operation)
+            return operation
+
+        operation = await retry.call(
+            attempt, tries=tries or self.config.create_tries, base_s=self.config.retry_base_s,
+            cap_s=self.config.retry_cap_s, phase="create", before_try=gated)
+        self.gate.accepted()
+        return operation
+
+    async def wait(
+        self,
+        operation: str,
+        *,
+        age_s: Callable[[], float] | None = None,
+        on_poll: Callable[[float], None] | None = None,
+    ) -> list[str]:
+        """Poll on the adaptive schedule until done; the video URIs, or a typed failure.
+
+        ``age_s`` tells the operation's age (it may predate this process); by default it is
+        counted from this call.
+        """
+        started = time.monotonic()
+        age = age_s or (lambda: time.monotonic() - started)
+        deadline_s = self.config.poll_deadline_s
+        await asyncio.sleep(max(0.0, self.config.poll_initial_s - age()))
+        while True:
+            try:
+                op = await retry.call(
+                    lambda: self.client.poll(operation), tries=self.config.poll_error_tries,
+                    base_s=self.config.retry_base_s, cap_s=self.config.retry_cap_s, phase="poll")
+            except APIError as e:
+                if e.status == 404:
+                    raise GenerationFailed(
+                        f"The service no longer knows operation {operation} (404); operations "
+                        "and their videos are kept for 2 days.") from None
+                raise
+            if op.done:
+                return video_uris(op)
+            elapsed = age()
+            if on_poll is not None:
+                on_poll(elapsed)
+            if elapsed > deadline_s:
+                raise GenerationTimeout(
+                    f"The operation did not finish within {deadline_s:g} s (poll_deadline_s); "
+                    f"it may still finish on the service as {operation}.")
+            await asyncio.sleep(min(poll_delay(elapsed, self.config), deadline_s - elapsed + 0.01))
+
+    async def download(
+        self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None
+    ) -> VideoFile:
+        """Fetch one video to ``final`` via ``partial``, retried as a download (never a
+        second generation)."""
+        return await retry.call(
+            lambda: download_video(self.client, uri, partial, final, self.config.file_mode,
+                                   progress=progress),
+            tries=self.config.download_tries, base_s=self.config.retry_base_s,
+            cap_s=self.config.retry_cap_s, phase="download")
