@@ -1,4 +1,9 @@
-"""reeldrop: drop a prompt into a folder, get a video.
+"""reeldrop: drop a prompt into a folder, get a video; or call Veo from Python.
+
+>>> from reeldrop import generate_video
+>>> generate_video("A red fox trotting through fresh snow", "fox.mp4")
+PosixPath('fox.mp4')
+
 
 The daemon (``reeldrop run``) watches an inbox and turns job files into videos through Google
 Veo on the Gemini API; see the README. This package's modules, one per stage of the pipeline:
@@ -18,11 +23,24 @@ from .errors import (
     ReeldropError,
 )
 from .jobs import VideoRequest
+from .library import (
+    BatchResult,
+    VeoVideoGenerator,
+    VideoResponse,
+    generate_video,
+    generate_videos_batch,
+)
+
+VideoGenerationError = ReeldropError
+"""The base of every error reeldrop raises (the name the older ``video_generation`` used)."""
+ValidationError = InvalidJob
+"""A request that cannot be sent as it is (bad field, value or combination)."""
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "BatchResult",
     "Config",
     "ConfigError",
     "DownloadError",
@@ -31,6 +49,12 @@ __all__ = [
     "InvalidJob",
     "OutputError",
     "ReeldropError",
+    "ValidationError",
+    "VeoVideoGenerator",
+    "VideoGenerationError",
     "VideoRequest",
+    "VideoResponse",
     "__version__",
+    "generate_video",
+    "generate_videos_batch",
 ]

@@ -110,7 +110,7 @@ def parse(source: str, data: bytes, config: Config) -> list[Member]:
         requests = _decode_json_job(source, data, config)
     stem = default_stem(source)
     members = [
-        _resolve(req, config, default_output=stem if len(requests) == 1 else f"{stem}-{i}",
+        resolve(req, config, default_output=stem if len(requests) == 1 else f"{stem}-{i}",
                  where="$" if len(requests) == 1 else f"$[{i - 1}]")
         for i, req in enumerate(requests, start=1)
     ]
@@ -157,7 +157,8 @@ def _explain(msg: str) -> str:
     return msg.replace("Object contains unknown field", "unknown field")
 
 
-def _resolve(req: VideoRequest, config: Config, *, default_output: str, where: str) -> Member:
+def resolve(req: VideoRequest, config: Config, *, default_output: str, where: str = "$") -> Member:
+    """Check one request against the config and the model's capabilities; fill defaults."""
     prompt = req.prompt.strip()
     if not prompt:
         raise InvalidJob(
@@ -209,5 +210,6 @@ def _check_caps(model: str, params: dict[str, Any], caps: ModelCaps, where: str)
         res = resolution or next(iter(resolutions))
         if duration not in resolutions[res]:
             allowed = ", ".join(map(str, resolutions[res]))
-            raise InvalidJob(f"{where}: {model} makes {res} videos only {allowed} seconds long, "
+            prefix = "" if where == "$" else f"{where}: "
+            raise InvalidJob(f"{prefix}{model} makes {res} videos only {allowed} seconds long, "
                              f"not {duration}; change duration_seconds or resolution.")
