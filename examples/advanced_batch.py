@@ -46,14 +46,18 @@ def explain(response: VideoResponse) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-async def main(settings: dict[str, object]) -> None:
-    out = Path("advanced_videos")
-    out.mkdir(exist_ok=True)
+async def generate_all(settings: dict[str, object], out: Path) -> list[VideoResponse]:
     # Retries and timeouts are named settings: 5 create tries, 20 minutes per operation.
     async with VeoVideoGenerator(create_tries=5, download_tries=5, poll_deadline_s=1200,
                                  **settings) as gen:
-        responses = await asyncio.gather(*(
+        return await asyncio.gather(*(
             gen.generate_video_async(r, out / f"{r.output}.mp4") for r in REQUESTS))
+
+
+def main(settings: dict[str, object]) -> None:
+    out = Path("advanced_videos")
+    out.mkdir(exist_ok=True)
+    responses = asyncio.run(generate_all(settings, out))
     report = []
     for request, response in zip(REQUESTS, responses, strict=True):
         print(f"{request.output:12} {explain(response)}")
@@ -70,4 +74,4 @@ args = parser.parse_args()
 with service_or_simulator() as settings:
     if args.base_url:
         settings["base_url"] = args.base_url
-    asyncio.run(main(settings))
+    main(settings)
