@@ -11,6 +11,8 @@ Veo on the Gemini API; see the README. This package's modules, one per stage of 
 ``writer`` / ``sidecar``, wired together by ``daemon`` and driven by ``cli``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .config import Config
 from .errors import (
     APIError,
@@ -23,13 +25,29 @@ from .errors import (
     ReeldropError,
 )
 from .jobs import VideoRequest
-from .library import (
-    BatchResult,
-    VeoVideoGenerator,
-    VideoResponse,
-    generate_video,
-    generate_videos_batch,
-)
+
+if TYPE_CHECKING:
+    from .library import (
+        BatchResult,
+        VeoVideoGenerator,
+        VideoResponse,
+        generate_video,
+        generate_videos_batch,
+    )
+
+_LIBRARY = {"BatchResult", "VeoVideoGenerator", "VideoResponse", "generate_video",
+            "generate_videos_batch"}
+
+
+def __getattr__(name: str) -> Any:
+    """The library's names load on first use, so ``reeldrop run`` never imports what only
+    the library needs (importing the package stays cheap)."""
+    if name in _LIBRARY:
+        from . import library  # noqa: PLC0415 - the lazy import is the point
+
+        return getattr(library, name)
+    raise AttributeError(f"module 'reeldrop' has no attribute {name!r}")
+
 
 VideoGenerationError = ReeldropError
 """The base of every error reeldrop raises (the name the older ``video_generation`` used)."""

@@ -13,17 +13,17 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from . import config as config_mod
-from . import jobs, log
-from .daemon import Daemon
-from .demo import run_demo
+from . import jobs
 from .errors import ConfigError, InvalidJob
-from .intake import read_job_file
-from .simulator import SimConfig, serve_forever
+from .simulator import SimConfig
+
+if TYPE_CHECKING:
+    from .library import VideoResponse
 
 NO_FLAG = {"api_key"}  # a key on the command line is visible to every user in `ps`
 
@@ -85,6 +85,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--outbox", type=Path, default=Path("outbox"))
     demo.set_defaults(func=cmd_demo)
 
+    gen = sub.add_parser("generate", help="generate one video in the foreground",
+                         description="Generate one video now and save it, with progress. "
+                         "Ctrl-C stops waiting and prints the operation name.")
+    gen.add_argument("prompt", help="what the video should show")
+    gen.add_argument("-o", "--output", type=Path, help="where to save it (default: NAME.mp4)")
+    _add_job_options(gen)
+    gen.add_argument("--base-url", help="service base URL (a proxy's …/v1beta works)")
+    gen.add_argument("--config", type=Path, help="TOML config file")
+    gen.set_defaults(func=cmd_generate)
+
+    submit = sub.add_parser("submit", help="drop a job into the daemon's inbox",
+                            description="Write a job into INBOX atomically and print its name; "
+                            "with --wait, follow its sidecar until it ends.")
+    submit.add_argument("prompt", help="what the video should show")
+    _add_job_options(submit)
+    submit.add_argument("--output", help="output name for the video and sidecar")
+    submit.add_argument("--name", help="job file name (default: from the prompt)")
+    submit.add_argument("--inbox", type=Path, help="the daemon's inbox (or REELDROP_INBOX)")
+    submit.add_argument("--outbox", type=Path, help="the daemon's outbox, for --wait")
+    submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    submit.add_argument("--timeout-s", type=float, default=3600.0, help="give up waiting after")
+    submit.add_argument("--config", type=Path, help="TOML config file")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="the jobs in an outbox, from their sidecars")
+    status.add_argument("--outbox", type=Path, help="the outbox (or REELDROP_OUTBOX)")
+    status.add_argument("--watch", action="store_true", help="update live until Ctrl-C")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--config", type=Path, help="TOML config file")
+    status.set_defaults(func=cmd_status)
+
+    retry = sub.add_parser("retry", help="put failed jobs back into the inbox",
+                           description="Move the kept files of failed jobs (by file name, stem "
+                           "or output name) from the spool's failed/ area back into the inbox.")
+    retry.add_argument("names", nargs="*", metavar="NAME")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--inbox", type=Path, help="the daemon's inbox (or REELDROP_INBOX)")
+    retry.add_argument("--config", type=Path, help="TOML config file")
+    retry.set_defaults(func=cmd_retry)
+
     validate = sub.add_parser("validate", help="check job files without sending anything")
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.add_argument("--config", type=Path, help="TOML config file (model table, defaults)")
@@ -97,6 +137,12 @@ def _flags(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # structlog imports rich whenever it is installed; the service has no use for it, so it
+    # is kept out of this process (ImportError makes structlog fall back to plain output).
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+    from . import log
+    from .daemon import Daemon
+
     names = [n for n, _ in config_mod.setting_names()]
     cfg = config_mod.load(args.config, flags=_flags(args, names))
     secrets = [cfg.api_key.reveal()] if cfg.api_key else []
@@ -107,6 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from . import log
+    from .simulator import serve_forever
+
     names = [f.name for f in msgspec.structs.fields(SimConfig)]
     try:
         sim_cfg = msgspec.convert(_flags(args, names), SimConfig, strict=False)
@@ -118,6 +167,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import log
+    from .demo import run_demo
+
     log.configure("console", "warning")
     return asyncio.run(run_demo(args.outbox.resolve()))
 
@@ -137,7 +189,134 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+JOB_OPTIONS: list[tuple[str, type]] = [
+    ("model", str), ("aspect_ratio", str), ("resolution", str), ("duration_seconds", int),
+    ("negative_prompt", str), ("person_generation", str),
+]
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    for name, kind in JOB_OPTIONS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    parser.add_argument("--enhance-prompt", action=argparse.BooleanOptionalAction, default=None)
+
+
+def _request(args: argparse.Namespace, output: str | None = None) -> jobs.VideoRequest:
+    options = {n: getattr(args, n) for n, _ in JOB_OPTIONS if getattr(args, n) is not None}
+    if args.enhance_prompt is not None:
+        options["enhance_prompt"] = args.enhance_prompt
+    return jobs.VideoRequest(prompt=args.prompt, output=output, **options)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import log
+    from .console import GenerateProgress
+    from .library import VeoVideoGenerator
+
+    cfg = config_mod.load(args.config, flags=_flags(args, ["base_url"]))
+    log.configure("console", "error", [cfg.api_key.reveal()] if cfg.api_key else [])
+    request = _request(args)
+    caps = cfg.model_caps().get(request.model or cfg.model)
+    operation: list[str] = []
+
+    async def go(progress: GenerateProgress) -> VideoResponse:
+        def started(name: str) -> None:
+            operation.append(name)
+            progress.submitted(name)
+
+        async with VeoVideoGenerator(config=cfg) as gen:
+            return await gen.generate_video_async(
+                request, args.output, on_operation=started, on_poll=progress.polled,
+                on_download=progress.downloading)
+
+    try:
+        with GenerateProgress(caps.typical_s if caps else 60.0) as progress:
+            response = asyncio.run(go(progress))
+    except KeyboardInterrupt:
+        where = f" as {operation[0]}" if operation else ""
+        print(f"reeldrop: stopped waiting; the video may still be generated on the "
+              f"service{where} (kept there for 2 days).", file=sys.stderr)
+        return 130
+    if not response.success:
+        print(f"reeldrop: {response.error}", file=sys.stderr)
+        return 1
+    print(response.video_path)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from . import manage
+    from .sidecar import now
+
+    cfg = config_mod.load(args.config, flags=_flags(args, ["inbox", "outbox"]))
+    if cfg.inbox is None:
+        raise ConfigError("submit needs --inbox DIR (or REELDROP_INBOX).")
+    request = _request(args, output=args.output)
+    jobs.resolve(request, cfg, default_output="job")  # refuse what the daemon would refuse
+    since = now()
+    path = manage.submit(cfg.inbox, request, args.name)
+    print(path.stem)
+    if not args.wait:
+        return 0
+    if cfg.outbox is None:
+        raise ConfigError("submit --wait needs --outbox DIR (or REELDROP_OUTBOX).")
+    doc = manage.follow(cfg.outbox, path.name, since, args.timeout_s,
+                        on_state=lambda d: print(f"{d.output}: {d.state}", file=sys.stderr))
+    if doc is None:
+        print(f"reeldrop: still not finished after {args.timeout_s:g} s.", file=sys.stderr)
+        return 1
+    if doc.state == "succeeded":
+        print(cfg.outbox / doc.videos[0].file)
+        return 0
+    print(f"reeldrop: {doc.error.message if doc.error else 'failed'}", file=sys.stderr)
+    return 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import manage
+
+    cfg = config_mod.load(args.config, flags=_flags(args, ["outbox"]))
+    if cfg.outbox is None:
+        raise ConfigError("status needs --outbox DIR (or REELDROP_OUTBOX).")
+    outbox = cfg.outbox
+    if args.json:
+        docs = manage.sidecars(outbox)
+        print(msgspec.json.encode({"counts": manage.counts(docs), "jobs": docs}).decode())
+        return 0
+    from . import console
+
+    def render() -> console.Table:
+        docs = manage.sidecars(outbox)
+        return console.status_table(docs, manage.counts(docs))
+
+    if args.watch:
+        console.watch(render)
+    else:
+        console.print_table(render())
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from . import manage
+
+    cfg = config_mod.load(args.config, flags=_flags(args, ["inbox"]))
+    if cfg.inbox is None:
+        raise ConfigError("retry needs --inbox DIR (or REELDROP_INBOX).")
+    if not args.names and not args.failed:
+        raise ConfigError("Name the failed jobs to retry, or pass --failed for all of them.")
+    try:
+        moved = manage.retry(cfg.spool, cfg.inbox, args.names, all_failed=args.failed)
+    except InvalidJob as e:
+        print(f"reeldrop: {e.message}", file=sys.stderr)
+        return 1
+    for name in moved:
+        print(f"retrying {name}")
+    return 0
+
+
 def _check_file(path: Path, cfg: config_mod.Config) -> list[jobs.Member]:
+    from .intake import read_job_file
+
     if path.is_dir() or not jobs.is_job_name(path.name):
         raise InvalidJob(f"{path.name} is not a job file (NAME.prompt or NAME.json).")
     return jobs.parse(path.name, read_job_file(path, cfg.max_job_bytes), cfg)

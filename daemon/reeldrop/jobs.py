@@ -26,7 +26,8 @@ _UNSAFE_RUN = re.compile(r"[^\w.\-]+")
 MAX_OUTPUT_CHARS = 120
 
 
-class VideoRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class VideoRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                   omit_defaults=True):
     """One job: a prompt and its options. The schema of a ``.json`` job (or each array item)."""
 
     prompt: Annotated[str, Meta(min_length=1)]

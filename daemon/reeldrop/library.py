@@ -105,8 +105,9 @@ class VeoVideoGenerator:
     """
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None,
-                 model: str | None = None, **settings: Any) -> None:
-        self.config = _config(api_key, base_url, model, settings)
+                 model: str | None = None, *, config: Config | None = None,
+                 **settings: Any) -> None:
+        self.config = config or _config(api_key, base_url, model, settings)
         self._session: aiohttp.ClientSession | None = None
         self._generation: Generation | None = None
 

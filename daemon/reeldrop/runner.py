@@ -28,6 +28,8 @@ from .spool import JobRun, Spool
 from .veo import VeoClient
 from .writer import PARTIAL_DIR, VideoFile
 
+PROGRESS_EVERY_S = 1.0
+
 
 def _age_s(stamp: str | None) -> float:
     if stamp is None:
@@ -71,7 +73,8 @@ class Runner:
             member = member.moved("downloading")
             await self.spool.update(run, member)
             videos = await self._download(run, member, uris)
-            member = member.moved("succeeded", videos=videos, error=None)
+            member = member.moved("succeeded", videos=videos, error=None, bytes_done=None,
+                                  bytes_total=None)
         except asyncio.CancelledError:
             raise
         except ReeldropError as e:
@@ -144,9 +147,23 @@ class Runner:
         partial_dir = outbox / PARTIAL_DIR
         partial_dir.mkdir(mode=self.config.dir_mode, exist_ok=True)
         videos: list[VideoFile] = []
+        reporting: list[asyncio.Future[None]] = []
+        last = time.monotonic()
+
+        def progress(done: int, total: int | None) -> None:
+            """Show bytes in the sidecar about once a second, never two writes at a time."""
+            nonlocal last
+            if time.monotonic() - last < PROGRESS_EVERY_S or any(not f.done() for f in reporting):
+                return
+            last = time.monotonic()
+            update = member.moved("downloading", bytes_done=done, bytes_total=total)
+            reporting.append(asyncio.ensure_future(self.spool.update(run, update)))
+
         for i, uri in enumerate(uris, start=1):
             name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"
             partial = partial_dir / f"{member.output}.{run.job_id}.{i}.mp4.part"
             with self._critical():
-                videos.append(await self.generation.download(uri, partial, outbox / name))
+                videos.append(await self.generation.download(uri, partial, outbox / name,
+                                                             progress=progress))
+        await asyncio.gather(*reporting)  # no progress write may land after the final state
         return videos

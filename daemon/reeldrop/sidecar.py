@@ -48,6 +48,8 @@ class Sidecar(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     videos: list[VideoFile] = []
     error: ErrorInfo | None = None
     metadata: dict[str, Any] | None = None
+    bytes_done: int | None = None  # while downloading, about once a second
+    bytes_total: int | None = None
 
     @property
     def done(self) -> bool:
