@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,18 @@ async def test_status_json_and_retry(tmp_path: Path, sim: Simulator) -> None:
         assert code == 1
     code, out, _ = await run_cli("status", "--outbox", str(tmp_path / "outbox"))
     assert code == 0 and "good" in out and "bad" in out and "succeeded" in out
+
+
+async def test_ctrl_c_during_generate_prints_the_operation(tmp_path: Path, sim: Simulator) -> None:
+    """Ctrl-C while the service works stops cleanly (exit 130) and names the operation, so the
+    paid-for work is not lost."""
+    proc = await asyncio.create_subprocess_exec(
+        *REELDROP, "generate", "a long one [slow]", "-o", str(tmp_path / "x.mp4"),
+        "--base-url", sim.base_url, env=cli_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    await until(lambda: sim.stats["polls"] >= 1, what="the first poll")
+    proc.send_signal(signal.SIGINT)
+    _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 130
+    [operation] = [name for name in sim.ops]
+    assert operation in err.decode() and "Traceback" not in err.decode()

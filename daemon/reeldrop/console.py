@@ -25,7 +25,9 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["GenerateProgress", "Table", "print_table", "status_table", "watch"]
 
@@ -110,12 +112,11 @@ def status_table(docs: list[Sidecar], tally: dict[str, int]) -> Table:
         table.add_column(column, overflow="fold")
     colours = {"succeeded": "green", "failed": "red", "downloading": "cyan"}
     for d in docs:
-        state: str = d.state
+        state = Text(d.state, style=colours.get(d.state, "yellow"))
+        video: RenderableType = d.videos[0].file if d.videos else ""
         if d.state == "downloading" and d.bytes_total:
-            state += f" {100 * (d.bytes_done or 0) // d.bytes_total}%"
-        table.add_row(d.output, f"[{colours.get(d.state, 'yellow')}]{state}[/]",
-                      _age(d.created_at), str(d.attempts),
-                      d.videos[0].file if d.videos else "",
+            video = ProgressBar(total=d.bytes_total, completed=d.bytes_done or 0, width=20)
+        table.add_row(d.output, state, _age(d.created_at), str(d.attempts), video,
                       d.error.message if d.error else "")
     return table
 

@@ -20,7 +20,13 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ReeldropError(Exception):
-    """Base of every error reeldrop raises on purpose."""
+    """Base of every error reeldrop raises on purpose (also exported as VideoGenerationError).
+
+    >>> try:
+    ...     generate_video("a fox")
+    ... except VideoGenerationError as e:
+    ...     print(e.info().message)
+    """
 
     retryable: bool = False
     status: int | None = None
@@ -44,11 +50,20 @@ class ConfigError(ReeldropError):
 
 
 class InvalidJob(ReeldropError):
-    """A job file, or one member of it, cannot be turned into a request. Never retried."""
+    """A job file, or one member of it, cannot be turned into a request. Never retried.
+
+    Exported as ``ValidationError`` too:
+
+    >>> except ValidationError as e:
+    ...     print("fix the request:", e)
+    """
 
 
 class APIError(ReeldropError):
     """The service answered with an error, or could not be reached.
+
+    >>> except APIError as e:
+    ...     if e.status == 429 and e.retryable: ...
 
     ``status`` is the HTTP status (None for a connection failure); ``retry_after_s`` carries
     the service's own hint (``Retry-After`` or ``RetryInfo.retryDelay``) when it gave one.
@@ -73,11 +88,17 @@ class GenerationFailed(ReeldropError):
 
 
 class GenerationTimeout(ReeldropError, TimeoutError):
-    """The operation did not finish before the poll deadline."""
+    """The operation did not finish before the poll deadline; ``except TimeoutError`` works.
+
+    >>> VeoVideoGenerator(poll_deadline_s=600)  # give up after ten minutes
+    """
 
 
 class DownloadError(ReeldropError):
     """The video could not be fetched or failed its checks (length, MP4 signature).
+
+    >>> except DownloadError as e:
+    ...     print("the video is made but not saved:", e)
 
     A download is retried as a download; it never causes a second generation.
     """

@@ -28,7 +28,12 @@ MAX_OUTPUT_CHARS = 120
 
 class VideoRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
                    omit_defaults=True):
-    """One job: a prompt and its options. The schema of a ``.json`` job (or each array item)."""
+    """One job: a prompt and its options. The schema of a ``.json`` job (or each array item).
+
+    >>> VideoRequest(prompt="A fox in the snow", aspect_ratio="9:16", duration_seconds=6)
+
+    Checked against the model's capabilities when used (``ValidationError`` if refused).
+    """
 
     prompt: Annotated[str, Meta(min_length=1)]
     negative_prompt: str | None = None
