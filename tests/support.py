@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import av
 from reeldrop.config import Config, load
 from reeldrop.daemon import Daemon
 from reeldrop.sidecar import Sidecar, read
+from reeldrop.simulator import SimConfig, Simulator
 
 TEST_KEY = "AIzaTEST-reeldrop-0123456789abcdefghij"
 FAST: dict[str, Any] = {
@@ -113,3 +115,34 @@ async def wait_ready(log: Path, before: int, timeout: float = 20) -> None:
         return log.read_bytes().count(b'"daemon.ready"') if log.exists() else 0
 
     await until(lambda: ready_count() > before, timeout, what="daemon.ready")
+
+
+async def batch_through(tmp_path: Path, sim_config: SimConfig, count: int, *,
+                        timeout: float = 120, **settings: Any
+                        ) -> tuple[Simulator, dict[str, Sidecar]]:
+    """``count`` jobs (``prompt 0``, …) through an in-process daemon against a fresh
+    simulator; returns the simulator (its counters) and the finished sidecars."""
+    sim = Simulator(sim_config)
+    await sim.start()
+    try:
+        async with running(make_config(tmp_path, sim.base_url, **settings)):
+            for i in range(count):
+                drop(tmp_path / "inbox", f"j{i:03d}.prompt", f"prompt {i}")
+            await until(finished(tmp_path / "outbox", count), timeout=timeout)
+    finally:
+        await sim.stop()
+    return sim, sidecars(tmp_path / "outbox")
+
+
+async def finish_in_new_daemon(tmp_path: Path, base_url: str, env: dict[str, str],
+                               count: int) -> None:
+    """Start a daemon, wait until ``count`` sidecars are final, stop it; it must exit 0."""
+    log = tmp_path / "log"
+    before = log.read_bytes().count(b'"daemon.ready"') if log.exists() else 0
+    proc = await spawn(daemon_args(tmp_path, base_url), env, log)
+    try:
+        await wait_ready(log, before)
+        await until(finished(tmp_path / "outbox", count), timeout=90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0

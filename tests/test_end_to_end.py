@@ -11,7 +11,16 @@ import pytest
 from reeldrop.demo import examples_dir
 from reeldrop.simulator import SimConfig, Simulator
 
-from .support import drop, finished, make_config, playable_frames, running, sidecars, until
+from .support import (
+    batch_through,
+    drop,
+    finished,
+    make_config,
+    playable_frames,
+    running,
+    sidecars,
+    until,
+)
 
 
 async def test_every_example_job_becomes_a_playable_video(tmp_path: Path, sim: Simulator) -> None:
@@ -75,49 +84,30 @@ async def test_failed_and_filtered_operations_fail_with_the_reason(
 
 async def test_429_is_retried_after_the_services_delay(tmp_path: Path) -> None:
     """A 429 carrying RetryInfo makes the next create of that job wait at least the delay."""
-    sim = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0, seed=5, rate_429=0.4,
-                              retry_delay_s=0.3))
-    await sim.start()
-    try:
-        config = make_config(tmp_path, sim.base_url, concurrency=3, create_tries=20)
-        outbox = tmp_path / "outbox"
-        async with running(config):
-            for i in range(6):
-                drop(tmp_path / "inbox", f"j{i}.prompt", f"prompt {i}")
-            await until(finished(outbox, 6), timeout=60)
-        assert {doc.state for doc in sidecars(outbox).values()} == {"succeeded"}
-        assert sim.stats["http_429"] >= 2
-        for t429, _kind, prompt in [e for e in sim.events if e[1] == "429"]:
-            retry = min(t for t, kind, p in sim.events
-                        if p == prompt and kind in ("create", "fault") and t > t429)
-            assert retry - t429 >= 0.3 - 0.01, f"{prompt} retried {retry - t429:.3f} s after 429"
-        assert sorted(sim.submissions.values()) == [1] * 6
-    finally:
-        await sim.stop()
+    sim, docs = await batch_through(
+        tmp_path, SimConfig(latency_s=0.05, latency_jitter_s=0, seed=5, rate_429=0.4,
+                            retry_delay_s=0.3), 6, timeout=60, concurrency=3, create_tries=20)
+    assert {doc.state for doc in docs.values()} == {"succeeded"}
+    assert sim.stats["http_429"] >= 2
+    for t429, _kind, prompt in [e for e in sim.events if e[1] == "429"]:
+        retry = min(t for t, kind, p in sim.events
+                    if p == prompt and kind in ("create", "fault") and t > t429)
+        assert retry - t429 >= 0.3 - 0.01, f"{prompt} retried {retry - t429:.3f} s after 429"
+    assert sorted(sim.submissions.values()) == [1] * 6
 
 
 async def test_5xx_resets_and_truncated_downloads_never_pay_twice(tmp_path: Path) -> None:
     """503s, connection resets and cut-off downloads are retried; each prompt is created once."""
-    sim = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0.05, seed=11, rate_5xx=0.25,
-                              rate_reset=0.15, rate_truncate=0.5, video_bytes=300_000))
-    await sim.start()
-    try:
-        config = make_config(tmp_path, sim.base_url, download_tries=10, poll_error_tries=10,
-                             create_tries=10)
-        outbox = tmp_path / "outbox"
-        async with running(config):
-            for i in range(8):
-                drop(tmp_path / "inbox", f"j{i}.prompt", f"prompt {i}")
-            await until(finished(outbox, 8), timeout=60)
-        docs = sidecars(outbox)
-        assert {d.state for d in docs.values()} == {"succeeded"}, [d.error for d in docs.values()]
-        assert sim.stats["fault_5xx"] and sim.stats["fault_reset"] and sim.stats["fault_truncate"]
-        assert sorted(sim.submissions.values()) == [1] * 8
-        for doc in docs.values():
-            assert doc.videos[0].bytes == 300_000
-            assert playable_frames(outbox / doc.videos[0].file) > 0
-    finally:
-        await sim.stop()
+    sim, docs = await batch_through(
+        tmp_path, SimConfig(latency_s=0.05, latency_jitter_s=0.05, seed=11, rate_5xx=0.25,
+                            rate_reset=0.15, rate_truncate=0.5, video_bytes=300_000),
+        8, timeout=60, download_tries=10, poll_error_tries=10, create_tries=10)
+    assert {d.state for d in docs.values()} == {"succeeded"}, [d.error for d in docs.values()]
+    assert sim.stats["fault_5xx"] and sim.stats["fault_reset"] and sim.stats["fault_truncate"]
+    assert sorted(sim.submissions.values()) == [1] * 8
+    for doc in docs.values():
+        assert doc.videos[0].bytes == 300_000
+        assert playable_frames(tmp_path / "outbox" / doc.videos[0].file) > 0
 
 
 async def test_a_bad_file_fails_clearly_and_the_next_good_one_still_runs(

@@ -19,6 +19,7 @@ from .support import (
     TEST_KEY,
     daemon_args,
     drop,
+    finish_in_new_daemon,
     finished,
     sidecars,
     spawn,
@@ -106,12 +107,7 @@ async def test_sigterm_exits_cleanly_and_a_restart_finishes_every_job(
     stopped = [msgspec.json.decode(line) for line in (tmp_path / "log").read_bytes().splitlines()
                if b"daemon.stopped" in line]
     assert stopped and stopped[0]["in_flight"] == 5
-    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
-    try:
-        await until(finished(tmp_path / "outbox", 5), timeout=30)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
+    await finish_in_new_daemon(tmp_path, sim.base_url, env, 5)
     assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
     assert sorted(sim.submissions.values()) == [1] * 5, "a job was submitted twice"
 
@@ -127,12 +123,7 @@ async def test_sigkill_while_generating_resumes_without_paying_twice(
     await asyncio.sleep(0.2)
     proc.kill()
     await wait_exit(proc)
-    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
-    try:
-        await until(finished(tmp_path / "outbox", 4), timeout=30)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await wait_exit(proc)
+    await finish_in_new_daemon(tmp_path, sim.base_url, env, 4)
     assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
     assert sorted(sim.submissions.values()) == [1] * 4
     leftovers = [p for p in (tmp_path / "outbox").rglob("*") if p.name.endswith((".tmp", ".part"))]

@@ -17,8 +17,10 @@ from reeldrop.spool import Spool
 
 from .support import (
     TEST_KEY,
+    batch_through,
     daemon_args,
     drop,
+    finish_in_new_daemon,
     finished,
     make_config,
     playable_frames,
@@ -27,7 +29,6 @@ from .support import (
     spawn,
     until,
     wait_exit,
-    wait_ready,
 )
 
 BAD_INPUTS: list[tuple[str, bytes, str]] = [
@@ -117,19 +118,10 @@ def test_recovery_cleans_what_a_crash_leaves(tmp_path: Path) -> None:
 async def test_a_429_storm_settles_without_failing_anything(tmp_path: Path) -> None:
     """200 jobs at once against a service allowing 5 creates per window: all succeed, each is
     created once, and the 429s stay far fewer than the jobs (the pace adapts)."""
-    sim = Simulator(SimConfig(latency_s=0.1, latency_jitter_s=0.1, seed=1, requests_per_minute=5,
-                              rate_window_s=0.25))
-    await sim.start()
-    try:
-        config = make_config(tmp_path, sim.base_url, concurrency=50, submissions_per_minute=6000,
-                             submit_burst=5, create_tries=8)
-        async with running(config):
-            for i in range(200):
-                drop(tmp_path / "inbox", f"j{i:03d}.prompt", f"prompt {i}")
-            await until(finished(tmp_path / "outbox", 200), timeout=120)
-    finally:
-        await sim.stop()
-    docs = sidecars(tmp_path / "outbox")
+    sim, docs = await batch_through(
+        tmp_path, SimConfig(latency_s=0.1, latency_jitter_s=0.1, seed=1, requests_per_minute=5,
+                            rate_window_s=0.25),
+        200, concurrency=50, submissions_per_minute=6000, submit_burst=5, create_tries=8)
     assert {d.state for d in docs.values()} == {"succeeded"}
     assert sorted(sim.submissions.values()) == [1] * 200
     print(f"429 storm: {sim.stats['http_429']} answers 429 for 200 jobs")
@@ -139,20 +131,11 @@ async def test_a_429_storm_settles_without_failing_anything(tmp_path: Path) -> N
 async def test_a_fault_soak_ends_with_every_job_done_once(tmp_path: Path) -> None:
     """About 30% of requests fail (429, 503, resets, cut downloads): all jobs still succeed,
     with exactly one accepted submission each."""
-    sim = Simulator(SimConfig(latency_s=0.1, latency_jitter_s=0.2, seed=30, rate_429=0.1,
-                              rate_5xx=0.1, rate_reset=0.05, rate_truncate=0.05,
-                              retry_delay_s=0.05, video_bytes=150_000))
-    await sim.start()
-    try:
-        config = make_config(tmp_path, sim.base_url, concurrency=10, create_tries=15,
-                             poll_error_tries=15, download_tries=15)
-        async with running(config):
-            for i in range(40):
-                drop(tmp_path / "inbox", f"j{i:02d}.prompt", f"prompt {i}")
-            await until(finished(tmp_path / "outbox", 40), timeout=120)
-    finally:
-        await sim.stop()
-    docs = sidecars(tmp_path / "outbox")
+    sim, docs = await batch_through(
+        tmp_path, SimConfig(latency_s=0.1, latency_jitter_s=0.2, seed=30, rate_429=0.1,
+                            rate_5xx=0.1, rate_reset=0.05, rate_truncate=0.05,
+                            retry_delay_s=0.05, video_bytes=150_000),
+        40, concurrency=10, create_tries=15, poll_error_tries=15, download_tries=15)
     assert {d.state for d in docs.values()} == {"succeeded"}, [d.error for d in docs.values()]
     assert sorted(sim.submissions.values()) == [1] * 40
     faults = sum(sim.stats[k] for k in ("fault_429", "fault_5xx", "fault_reset", "fault_truncate"))
@@ -178,14 +161,7 @@ async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(
             await asyncio.sleep(rng.uniform(0.3, 1.2))
             proc.send_signal(signal.SIGKILL)
             await wait_exit(proc)
-        ready_before = log.read_bytes().count(b'"daemon.ready"')
-        proc = await spawn(daemon_args(tmp_path, sim.base_url), env, log)
-        try:
-            await wait_ready(log, ready_before)
-            await until(finished(tmp_path / "outbox", 24), timeout=90)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert await wait_exit(proc) == 0
+        await finish_in_new_daemon(tmp_path, sim.base_url, env, 24)
     finally:
         await sim.stop()
     docs = sidecars(tmp_path / "outbox")

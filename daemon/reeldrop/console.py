@@ -40,7 +40,8 @@ class GenerateProgress:
 
     def __init__(self, typical_s: float, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self.tty = self.console.is_terminal
+        # Bars only when stdout is a terminal: piped or redirected runs get plain lines.
+        self.tty = sys.stdout.isatty() and self.console.is_terminal
         self.typical_s = typical_s
         self.started = time.monotonic()
         self.progress = Progress(

@@ -8,7 +8,8 @@ the public host, downloads behind a same-origin redirect, the ``x-goog-api-key``
 Faults are seeded and injected at a configurable rate (429 with RetryInfo and Retry-After,
 503, connection resets, truncated downloads), by a requests-per-minute limit, or on demand by
 a marker in the prompt: ``[fail]`` (the operation fails), ``[filtered]`` (the safety filter
-blocks it), ``[slow]`` (ten times the latency). It counts everything it does (``stats``).
+blocks it), ``[slow]`` (ten times the latency), ``[latency=N]`` (N seconds). It counts
+everything it does (``stats``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import secrets
 import string
 import struct
@@ -31,6 +33,7 @@ import msgspec
 from aiohttp import web
 
 PUBLIC_HOST = "https://generativelanguage.googleapis.com"
+_LATENCY_MARK = re.compile(r"\[latency=(\d+(?:\.\d+)?)\]")
 PAD_CHUNK = 1 << 20
 
 
@@ -60,6 +63,7 @@ class _Op(msgspec.Struct):
     ready_at: float
     outcome: str  # "ok" | "fail" | "filtered"
     file_id: str
+    done_at: float | None = None  # wall time the operation finished (set on first done poll)
 
 
 def _asset(aspect: str) -> bytes:
@@ -178,7 +182,9 @@ class Simulator:
         self._window.append(now)
         op_id = "".join(self.rng.choices(string.ascii_lowercase + string.digits, k=12))
         name = f"models/{model}/operations/{op_id}"
-        latency = self.config.latency_s * (10 if "[slow]" in prompt else 1)
+        asked = _LATENCY_MARK.search(prompt)
+        latency = float(asked[1]) if asked else self.config.latency_s
+        latency *= 10 if "[slow]" in prompt else 1
         latency += self.rng.uniform(0, self.config.latency_jitter_s)
         outcome = ("fail" if "[fail]" in prompt or self.rng.random() < self.config.rate_fail
                    else "filtered" if "[filtered]" in prompt
@@ -206,6 +212,8 @@ class Simulator:
             return _error(404, "NOT_FOUND", f"Operation {name} not found.")
         if time.monotonic() < op.ready_at:
             return web.json_response({"name": name})
+        if op.done_at is None:
+            op.done_at = time.time() - (time.monotonic() - op.ready_at)  # when it finished
         if op.outcome == "fail":
             return web.json_response({"name": name, "done": True, "error": {
                 "code": 13, "message": "Video generation failed due to an internal error."}})
@@ -252,6 +260,8 @@ class Simulator:
             resp.headers["Content-Range"] = f"bytes {start}-{total - 1}/{total}"
         await resp.prepare(request)
         self.stats["downloads"] += 1
+        file_id = request.match_info["file_id"]
+        self.events.append((time.time(), "download_start", file_id))
         cut = self.config.rate_truncate and self.rng.random() < self.config.rate_truncate
         limit = start + (total - start) // 2 if cut else total
         async for chunk in _video_bytes(base, total, start, limit):
@@ -262,6 +272,7 @@ class Simulator:
             request.transport.abort()
             return resp
         await resp.write_eof()
+        self.events.append((time.time(), "download_end", file_id))
         return resp
 
 
