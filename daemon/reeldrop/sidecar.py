@@ -101,8 +101,14 @@ def read(path: Path, max_bytes: int = 1 << 20) -> Sidecar | None:
 
 
 def publish(outbox: Path, sidecar: Sidecar, mode: int, *, exclusive: bool = False) -> None:
-    """Write the public sidecar (``exclusive``: only if the name is still free)."""
-    atomic_write(path_for(outbox, sidecar.output), encode(sidecar), mode, exclusive=exclusive)
+    """Write the public sidecar (``exclusive``: only if the name is still free).
+
+    Always atomic. Intermediate states are not fsynced: the spool's record is the durable
+    copy, and start-up rewrites every live job's sidecar from it (``Spool.republish``). The
+    final state is fsynced, since a finished job is no longer in the spool's live area.
+    """
+    atomic_write(path_for(outbox, sidecar.output), encode(sidecar), mode, exclusive=exclusive,
+                 durable=sidecar.done)
 
 
 def write_batch(outbox: Path, stem: str, members: list[Sidecar], mode: int) -> None:
@@ -115,4 +121,5 @@ def write_batch(outbox: Path, stem: str, members: list[Sidecar], mode: int) -> N
         members=[m.output for m in members],
         updated_at=now(),
     )
-    atomic_write(outbox / f"{stem}{BATCH_SUFFIX}", encode(summary), mode)
+    atomic_write(outbox / f"{stem}{BATCH_SUFFIX}", encode(summary), mode,
+                 durable=summary.succeeded + summary.failed == summary.total)

@@ -44,11 +44,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
+def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False,
+                 durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (and, if ``durable``, survive a power cut).
 
     With ``exclusive``, the file must not exist yet (FileExistsError otherwise): the final step
-    is ``link()``, which never clobbers, instead of ``rename()``.
+    is ``link()``, which never clobbers, instead of ``rename()``. Without ``durable`` the
+    fsyncs are skipped: readers still see the old file or the new one, never a torn one, and
+    a process crash cannot lose it; only a machine crash can, which suits copies that are
+    rebuilt from a durable record at start-up (the public sidecars).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -58,7 +62,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool 
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -70,7 +75,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
