@@ -13,7 +13,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -21,9 +21,6 @@ from . import config as config_mod
 from . import jobs
 from .errors import ConfigError, InvalidJob
 from .simulator import SimConfig
-
-if TYPE_CHECKING:
-    from .library import VideoResponse
 
 NO_FLAG = {"api_key"}  # a key on the command line is visible to every user in `ps`
 
@@ -45,6 +42,16 @@ def _add_struct_flags(parser: argparse.ArgumentParser, fields: list[tuple[str, A
                                 help=help_of.get(name))
 
 
+EPILOG = """examples:
+  reeldrop demo                                   the example jobs, through the simulator
+  reeldrop run --inbox in --outbox out            the daemon (GEMINI_API_KEY in the env)
+  reeldrop generate "a fox in snow" -o fox.mp4    one video now, with progress
+  reeldrop submit "a fox" --inbox in --outbox out --wait
+  reeldrop status --outbox out --watch
+
+exit codes: 0 success, 1 a job or check failed, 2 usage or configuration error,
+130 interrupted. `reeldrop COMMAND --help` for each command's options."""
+
 RUN_HELP = {
     "inbox": "directory to watch for NAME.prompt / NAME.json job files",
     "outbox": "directory for NAME.mp4 videos and NAME.json sidecars",
@@ -60,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reeldrop",
         description="Drop a prompt into a folder, get a video: a hot-folder daemon for Veo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -189,20 +198,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-JOB_OPTIONS: list[tuple[str, type]] = [
-    ("model", str), ("aspect_ratio", str), ("resolution", str), ("duration_seconds", int),
-    ("negative_prompt", str), ("person_generation", str),
+JOB_OPTIONS: list[tuple[str, type, str]] = [
+    ("model", str, "e.g. veo-3.1-fast-generate-preview (default from the config)"),
+    ("aspect_ratio", str, "16:9 or 9:16"),
+    ("resolution", str, "720p, 1080p or 4k (1080p and 4k need 8 seconds)"),
+    ("duration_seconds", int, "4, 6 or 8"),
+    ("negative_prompt", str, "what the video should not show"),
+    ("person_generation", str, "allow_all, allow_adult or dont_allow"),
 ]
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
-    for name, kind in JOB_OPTIONS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
-    parser.add_argument("--enhance-prompt", action=argparse.BooleanOptionalAction, default=None)
+    for name, kind, text in JOB_OPTIONS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    parser.add_argument("--enhance-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="let the service rewrite the prompt")
 
 
 def _request(args: argparse.Namespace, output: str | None = None) -> jobs.VideoRequest:
-    options = {n: getattr(args, n) for n, _ in JOB_OPTIONS if getattr(args, n) is not None}
+    options = {n: getattr(args, n) for n, _, _ in JOB_OPTIONS if getattr(args, n) is not None}
     if args.enhance_prompt is not None:
         options["enhance_prompt"] = args.enhance_prompt
     return jobs.VideoRequest(prompt=args.prompt, output=output, **options)
@@ -210,38 +224,11 @@ def _request(args: argparse.Namespace, output: str | None = None) -> jobs.VideoR
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import log
-    from .console import GenerateProgress
-    from .library import VeoVideoGenerator
+    from .console import generate_in_foreground
 
     cfg = config_mod.load(args.config, flags=_flags(args, ["base_url"]))
     log.configure("console", "error", [cfg.api_key.reveal()] if cfg.api_key else [])
-    request = _request(args)
-    caps = cfg.model_caps().get(request.model or cfg.model)
-    operation: list[str] = []
-
-    async def go(progress: GenerateProgress) -> VideoResponse:
-        def started(name: str) -> None:
-            operation.append(name)
-            progress.submitted(name)
-
-        async with VeoVideoGenerator(config=cfg) as gen:
-            return await gen.generate_video_async(
-                request, args.output, on_operation=started, on_poll=progress.polled,
-                on_download=progress.downloading)
-
-    try:
-        with GenerateProgress(caps.typical_s if caps else 60.0) as progress:
-            response = asyncio.run(go(progress))
-    except KeyboardInterrupt:
-        where = f" as {operation[0]}" if operation else ""
-        print(f"reeldrop: stopped waiting; the video may still be generated on the "
-              f"service{where} (kept there for 2 days).", file=sys.stderr)
-        return 130
-    if not response.success:
-        print(f"reeldrop: {response.error}", file=sys.stderr)
-        return 1
-    print(response.video_path)
-    return 0
+    return generate_in_foreground(cfg, _request(args), args.output)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -6,10 +6,12 @@ the user gets live bars; otherwise one plain line per event, for logs and pipes.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console, RenderableType
@@ -29,8 +31,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["GenerateProgress", "Table", "print_table", "status_table", "watch"]
+__all__ = [
+    "GenerateProgress", "Table", "generate_in_foreground", "print_table", "status_table", "watch",
+]
 
+from .config import Config
+from .jobs import VideoRequest
+from .library import VeoVideoGenerator, VideoResponse
 from .sidecar import Sidecar
 
 
@@ -135,3 +142,34 @@ def watch(render: Callable[[], RenderableType], interval_s: float = 1.0) -> None
 
 def print_table(table: Table) -> None:
     Console(file=sys.stdout).print(table)
+
+
+def generate_in_foreground(config: Config, request: VideoRequest, output: Path | None) -> int:
+    """`reeldrop generate`: one video with progress; the exit code. Ctrl-C stops waiting and
+    names the operation, which keeps running on the service."""
+    caps = config.model_caps().get(request.model or config.model)
+    operation: list[str] = []
+
+    async def go(progress: GenerateProgress) -> VideoResponse:
+        def started(name: str) -> None:
+            operation.append(name)
+            progress.submitted(name)
+
+        async with VeoVideoGenerator(config=config) as gen:
+            return await gen.generate_video_async(
+                request, output, on_operation=started, on_poll=progress.polled,
+                on_download=progress.downloading)
+
+    try:
+        with GenerateProgress(caps.typical_s if caps else 60.0) as progress:
+            response = asyncio.run(go(progress))
+    except KeyboardInterrupt:
+        where = f" as {operation[0]}" if operation else ""
+        print(f"reeldrop: stopped waiting; the video may still be generated on the "
+              f"service{where} (kept there for 2 days).", file=sys.stderr)
+        return 130
+    if not response.success:
+        print(f"reeldrop: {response.error}", file=sys.stderr)
+        return 1
+    print(response.video_path)
+    return 0
