@@ -188,3 +188,37 @@ async def test_a_bad_config_exits_2_with_a_clear_message(
     assert needle in err.decode()
     assert "Traceback" not in err.decode()
     assert not (tmp_path / "in").exists()
+
+
+async def test_a_second_signal_skips_the_grace(
+        tmp_path: Path, daemon_env: dict[str, str]) -> None:
+    """The first SIGTERM waits for a download in flight (the grace); a second one exits at
+    once, leaving the partial file hidden for the next run to resume."""
+    sim = Simulator(SimConfig(latency_s=0.05, api_key=TEST_KEY, video_bytes=200 << 20,
+                              download_chunk_delay_s=0.05))
+    await sim.start()
+    try:
+        drop(tmp_path / "inbox", "big.prompt", "a long download")
+        proc = await spawn(daemon_args(tmp_path, sim.base_url, "--shutdown-grace-s", "60"),
+                           env_with_key(daemon_env), tmp_path / "log")
+        await until(lambda: sim.stats["downloads"] >= 1, what="the download to start")
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        assert proc.returncode is None, "the first signal did not wait for the download"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+        assert time.monotonic() - started < 3
+        assert not list((tmp_path / "outbox").glob("*.mp4")), "a partial video became visible"
+        assert list((tmp_path / "outbox" / ".partial").iterdir()), "no partial kept to resume"
+        stopped = [msgspec.json.decode(line) for line
+                   in (tmp_path / "log").read_bytes().splitlines() if b"daemon.stopped" in line]
+        assert stopped[-1]["interrupted"] == 1
+        sim.config = msgspec.structs.replace(sim.config, download_chunk_delay_s=0.0)
+        await finish_in_new_daemon(tmp_path, sim.base_url, env_with_key(daemon_env), 1)
+    finally:
+        await sim.stop()
+    assert (tmp_path / "outbox" / "big.mp4").stat().st_size == 200 << 20
+    assert sim.stats["ranged_downloads"] == 1, "the restart did not resume the partial file"
+    assert sim.submissions["a long download"] == 1

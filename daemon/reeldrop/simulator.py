@@ -54,6 +54,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     rate_window_s: float = 60.0  # the window requests_per_minute counts in (shorter in tests)
     retry_delay_s: float = 1.0
     video_bytes: int | None = None  # pad every video to this size
+    download_chunk_delay_s: float = 0.0  # pause after each 1 MiB served (a slow link)
     expire_after_s: float = 2 * 86400.0
 
 
@@ -266,6 +267,8 @@ class Simulator:
         limit = start + (total - start) // 2 if cut else total
         async for chunk in _video_bytes(base, total, start, limit):
             await resp.write(chunk)
+            if self.config.download_chunk_delay_s:
+                await asyncio.sleep(self.config.download_chunk_delay_s)
         if cut:
             self.stats["fault_truncate"] += 1
             assert request.transport is not None
