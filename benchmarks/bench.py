@@ -196,7 +196,8 @@ async def bench_backlog(root: Path, sim: Simulator, quick: bool) -> dict[str, An
         (root / "inbox").mkdir(parents=True, exist_ok=True)
         (root / "inbox" / f"b{i:05d}.prompt").write_text(f"backlog {i}")
     start = time.time()
-    daemon = DaemonProcess(root, sim.base_url, concurrency=200, queue_max=n * 2, **FAST_POLL)
+    daemon = DaemonProcess(root, sim.base_url, concurrency=200, queue_max=n * 2,
+                           submissions_per_minute=1_000_000, submit_burst=1000)
     while True:
         left = sum(1 for p in os.scandir(daemon.inbox) if p.name.endswith(".prompt"))
         if left == 0:

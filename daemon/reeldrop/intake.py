@@ -58,13 +58,16 @@ class Intake:
     def release(self, member: Sidecar) -> None:
         self.reserved.discard(member.output)
 
-    def accept(self, run: JobRun) -> list[Sidecar]:
-        """Parse a freshly claimed (or half-accepted) job; persist its members; return them."""
+    def accept(self, run: JobRun, *, durable: bool = True) -> list[Sidecar]:
+        """Parse a freshly claimed (or half-accepted) job; persist its members; return them.
+
+        Without ``durable``, the caller syncs the spool before any member is sent.
+        """
         try:
             data = read_job_file(run.source_path, self.config.max_job_bytes)
             members = jobs.parse(run.source, data, self.config)
         except InvalidJob as e:
-            self._reject(run, e)
+            self._reject(run, e, durable)
             return run.members
         stamp = now()
         batch = jobs.default_stem(run.source) if len(members) > 1 else None
@@ -75,7 +78,7 @@ class Intake:
                 index=index, prompt=m.prompt, model=m.model, parameters=m.parameters,
                 created_at=stamp, updated_at=stamp, metadata=m.metadata,
             )
-            run.members.append(self._publish_first(run, draft))
+            run.members.append(self._publish_first(run, draft, durable))
         log.get().info("job.accepted", job_id=run.job_id, source=run.source,
                        members=len(run.members))
         return run.members
@@ -84,17 +87,17 @@ class Intake:
         """Recovery: keep the names of members a previous run already published."""
         self.reserved.update(m.output for m in run.members if not m.done)
 
-    def _reject(self, run: JobRun, error: InvalidJob) -> None:
+    def _reject(self, run: JobRun, error: InvalidJob, durable: bool) -> None:
         stamp = now()
         failed = Sidecar(
             job_id=run.job_id, output=jobs.default_stem(run.source), source=run.source,
             prompt="", model="", created_at=stamp, updated_at=stamp,
         ).moved("failed", error=error.info())
-        run.members = [self._publish_first(run, failed)]
+        run.members = [self._publish_first(run, failed, durable)]
         self.release(run.members[0])
         log.get().error("job.invalid", job_id=run.job_id, source=run.source, error=error.message)
 
-    def _publish_first(self, run: JobRun, draft: Sidecar) -> Sidecar:
+    def _publish_first(self, run: JobRun, draft: Sidecar, durable: bool) -> Sidecar:
         """Reserve a free output name for ``draft`` and publish it there, never clobbering."""
         for n in range(1, MAX_SUFFIX + 1):
             name = draft.output if n == 1 else f"{draft.output}.{n}"
@@ -106,7 +109,7 @@ class Intake:
             candidate = draft if n == 1 else _renamed(draft, name)
             mine = owner is not None and owner.job_id == run.job_id
             try:
-                self.spool.save(run, candidate, exclusive=owner is None)
+                self.spool.save(run, candidate, exclusive=owner is None, durable=durable)
             except FileExistsError:
                 continue  # another daemon took the name a moment ago
             except OSError as e:

@@ -25,7 +25,7 @@ from pathlib import Path
 from . import log, sidecar
 from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
-from .writer import atomic_write, fsync_dir
+from .writer import atomic_write, fsync_dir, syncfs
 
 MEMBER_PREFIX = "member-"
 
@@ -78,8 +78,12 @@ class Spool:
                 "claims must be atomic renames. Put it inside or beside the inbox."
             )
 
-    def claim(self, path: Path) -> JobRun | None:
-        """Move one inbox file into a new job directory; None if someone else took it first."""
+    def claim(self, path: Path, *, durable: bool = True) -> JobRun | None:
+        """Move one inbox file into a new job directory; None if someone else took it first.
+
+        Without ``durable`` the directory fsyncs are left to the caller's ``sync()``, which
+        must come before anything of the job is sent.
+        """
         job_id = new_job_id()
         directory = self.jobs / job_id
         directory.mkdir(mode=self.dir_mode)
@@ -91,11 +95,17 @@ class Spool:
         except OSError:
             directory.rmdir()
             raise
-        fsync_dir(directory)
-        fsync_dir(self.inbox)
+        if durable:
+            fsync_dir(directory)
+            fsync_dir(self.inbox)
         return JobRun(job_id=job_id, directory=directory, source=path.name)
 
-    def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False) -> None:
+    def sync(self) -> None:
+        """Make every write so far on the spool's filesystem durable (after a batch intake)."""
+        syncfs(self.root)
+
+    def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False,
+             durable: bool = True) -> None:
         """Persist a member: spool record first (the truth), then the public sidecar.
 
         An outbox deleted under us is created again; other write errors become OutputError
@@ -103,7 +113,7 @@ class Spool:
         """
         path = run.directory / f"{MEMBER_PREFIX}{member.index:04d}.json"
         try:
-            atomic_write(path, sidecar.encode(member), self.file_mode)
+            atomic_write(path, sidecar.encode(member), self.file_mode, durable=durable)
         except OSError as e:
             raise OutputError(f"Cannot record the job's state in {run.directory}: "
                               f"{e.strerror}.") from None
