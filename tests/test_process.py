@@ -63,6 +63,16 @@ def env_with_key(env: dict[str, str]) -> dict[str, str]:
     return {**env, "GEMINI_API_KEY": TEST_KEY}
 
 
+async def start_with_jobs(tmp_path: Path, sim: Simulator, env: dict[str, str],
+                          count: int) -> asyncio.subprocess.Process:
+    """Drop ``count`` jobs, start a daemon, and return once all of them were submitted."""
+    for i in range(count):
+        drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    await until(lambda: sim.stats["submissions"] == count, what=f"{count} submissions")
+    return proc
+
+
 async def test_notify_ready_status_watchdog_and_stopping(
         tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
     """READY=1 after the scan, STATUS= lines, WATCHDOG=1 at half the interval, STOPPING=1."""
@@ -95,10 +105,7 @@ async def test_sigterm_exits_cleanly_and_a_restart_finishes_every_job(
         tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
     """SIGTERM mid-generation: exit 0 within the grace, jobs stay claimed, restart ends them."""
     env = env_with_key(daemon_env)
-    for i in range(5):
-        drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
-    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
-    await until(lambda: sim.stats["submissions"] == 5, what="5 submissions")
+    proc = await start_with_jobs(tmp_path, sim, env, 5)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert await wait_exit(proc) == 0
@@ -116,10 +123,7 @@ async def test_sigkill_while_generating_resumes_without_paying_twice(
         tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
     """After kill -9, a restart polls the stored operations instead of creating new ones."""
     env = env_with_key(daemon_env)
-    for i in range(4):
-        drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
-    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
-    await until(lambda: sim.stats["submissions"] == 4, what="4 submissions")
+    proc = await start_with_jobs(tmp_path, sim, env, 4)
     await asyncio.sleep(0.2)
     proc.kill()
     await wait_exit(proc)

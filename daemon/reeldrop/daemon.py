@@ -88,6 +88,7 @@ class Daemon:
             else:
                 await asyncio.to_thread(self.intake.accept, run)
             self.intake.adopt(run)
+            self._report_archived(run, await asyncio.to_thread(self.spool.archive_if_done, run))
             self.enqueue(run)
         log.get().info("daemon.started", inbox=str(self.spool.inbox),
                        outbox=str(self.spool.outbox), recovered=len(runs),
@@ -134,19 +135,17 @@ class Daemon:
         for member in run.members:
             if member.state not in TERMINAL:
                 self.queue.put_nowait((run, member.index))
-        self._archive(run)
 
     def settled(self, run: JobRun, member: Sidecar, archived: Path | None) -> None:
         """A member reached its final state (called in a worker thread, once per member)."""
         self.counts["done" if member.state == "succeeded" else "failed"] += 1
         self.intake.release(member)
+        self._report_archived(run, archived)
+
+    @staticmethod
+    def _report_archived(run: JobRun, archived: Path | None) -> None:
         if archived is not None:
             log.get().info("job.archived", job_id=run.job_id, to=archived.parent.name)
-
-    def _archive(self, run: JobRun) -> None:
-        target = self.spool.archive_if_done(run)
-        if target is not None:
-            log.get().info("job.archived", job_id=run.job_id, to=target.parent.name)
 
     async def worker(self) -> None:
         while True:
@@ -201,6 +200,8 @@ class Daemon:
             log.get().exception("intake.accept_failed", job_id=run.job_id, source=run.source)
             return None
         self.counts["failed"] += sum(m.state == "failed" for m in run.members)  # invalid files
+        # An invalid file is already finished: archive it here, in the intake's thread.
+        self._report_archived(run, self.spool.archive_if_done(run))
         return run
 
     async def watch(self) -> None:

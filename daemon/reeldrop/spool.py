@@ -52,7 +52,8 @@ class JobRun:
 
     @property
     def is_batch(self) -> bool:
-        return len(self.members) > 1 or self.members[0].batch is not None
+        """A job file holding a list of jobs (its members carry the file's stem as ``batch``)."""
+        return bool(self.members) and self.members[0].batch is not None
 
     @property
     def all_done(self) -> bool:
@@ -142,15 +143,19 @@ class Spool:
         """
         with run.lock:
             self.record(run, member)
-            if run.is_batch:
-                sidecar.write_batch(self.outbox, run.members[0].batch or run.job_id,
-                                    list(run.members), self.file_mode)
+            self._write_batch(run)
             return self._archive_locked(run)
 
     async def update(self, run: JobRun, member: Sidecar) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
-        run.members[member.index - 1] = member
         await asyncio.to_thread(self.record, run, member)
+
+    def _write_batch(self, run: JobRun) -> None:
+        """``outbox/STEM.batch.json`` for an array job, from the members' current states."""
+        if run.is_batch:
+            stem = run.members[0].batch
+            assert stem is not None
+            sidecar.write_batch(self.outbox, stem, list(run.members), self.file_mode)
 
     def republish(self, run: JobRun) -> None:
         """Recovery: make the public sidecars match the spool's records again.
@@ -160,9 +165,8 @@ class Spool:
         """
         for member in run.members:
             sidecar.publish(self.outbox, member, self.file_mode)
-        if run.is_batch and any(m.done for m in run.members):
-            sidecar.write_batch(self.outbox, run.members[0].batch or run.job_id, run.members,
-                                self.file_mode)
+        if any(m.done for m in run.members):
+            self._write_batch(run)
 
     def archive_if_done(self, run: JobRun) -> Path | None:
         """Move a job whose members are all terminal to done/ or failed/ (once; blocking)."""
