@@ -36,4 +36,5 @@ def daemon_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("REELDROP_", "GEMINI_", "GOOGLE_", "NOTIFY_", "WATCHDOG_"))}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung daemon dumps its stacks when wait_exit aborts it
     yield env

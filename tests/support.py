@@ -98,15 +98,30 @@ def daemon_args(tmp_path: Path, base_url: str, *extra: str) -> list[str]:
     return [*args, *extra]
 
 
+LOGS: dict[int, Path] = {}  # pid → the log file a spawned daemon writes to
+
+
 async def spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL)
+    LOGS[proc.pid] = log
+    return proc
 
 
 async def wait_exit(proc: asyncio.subprocess.Process, timeout: float = 30) -> int:
-    return await asyncio.wait_for(proc.wait(), timeout)
+    """The exit code; a daemon that outlives ``timeout`` is aborted (with PYTHONFAULTHANDLER
+    set it prints every thread's stack) and the failure shows the end of its log."""
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.send_signal(signal.SIGABRT)
+        await proc.wait()
+        log = LOGS.get(proc.pid)
+        tail = log.read_text(errors="replace")[-6000:] if log and log.exists() else ""
+        raise AssertionError(f"the daemon did not exit within {timeout} s; its log ends:\n"
+                             f"{tail}") from None
 
 
 async def wait_ready(log: Path, before: int, timeout: float = 20) -> None:

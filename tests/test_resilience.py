@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from reeldrop.daemon import Daemon
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.spool import Spool
 
@@ -263,3 +264,27 @@ async def test_polling_mode_for_network_filesystems(tmp_path: Path, sim: Simulat
         # Well inside rescan_s (5 s), so the periodic rescan cannot be what found it.
         await until(finished(tmp_path / "outbox", 1), timeout=3)
     assert sidecars(tmp_path / "outbox")["polled"].state == "succeeded"
+
+
+async def test_a_stop_that_races_an_inbox_wake_up_still_stops(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A stop landing within a few loop steps of an inbox wake-up still ends the daemon.
+
+    Python 3.11's ``asyncio.wait_for`` swallows a cancellation that arrives as its awaitable
+    finishes; the intake loop then went on scanning and SIGTERM hung the daemon. Every small
+    gap between the wake-up and the stop is tried, so the unlucky one is always among them.
+    """
+    for ticks in range(6):
+        daemon = Daemon(make_config(tmp_path / str(ticks), sim.base_url))
+        task = asyncio.create_task(daemon.serve())
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await asyncio.sleep(0.1)  # the intake loop is now waiting for its next wake-up
+        daemon.wake.set()
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        daemon.handle_exit(signal.SIGTERM)
+        done, _ = await asyncio.wait([task], timeout=10)
+        if not done:
+            daemon.handle_exit(signal.SIGTERM)
+            task.cancel()
+        assert done, f"the daemon hung on a stop {ticks} loop steps after a wake-up"

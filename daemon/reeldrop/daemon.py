@@ -111,7 +111,8 @@ class Daemon:
         deadline = time.monotonic() + self.config.shutdown_grace_s
         while critical and time.monotonic() < deadline and not self.force_exit.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.force_exit.wait(), 0.05)
+                async with asyncio.timeout(0.05):
+                    await self.force_exit.wait()
         interrupted = len(critical)
         for task in workers:
             task.cancel()
@@ -173,8 +174,11 @@ class Daemon:
                 for run in runs:
                     self.enqueue(run)
             self.ready.set()
+            # Not asyncio.wait_for: on 3.11 it swallows a cancellation that lands as the wake-up
+            # does, and the loop would outlive shutdown (the daemon hung on SIGTERM).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), scan.next_check_s or self.config.rescan_s)
+                async with asyncio.timeout(scan.next_check_s or self.config.rescan_s):
+                    await self.wake.wait()
 
     def _take(self, paths: list[Path]) -> list[JobRun]:
         """Claim and accept a batch of files (blocking). A big batch skips the per-file fsyncs
