@@ -7,6 +7,7 @@ floor under the jittered wait. To swap ``backoff`` for another library, change t
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
@@ -50,11 +51,23 @@ async def call(
     ``before_try`` runs before every attempt (the caller bumps and persists its try counter
     there, so a crash mid-attempt still counts the attempt).
     """
+    result: T = await _policy(tries, base_s, cap_s, phase)(fn, before_try)
+    return result
 
-    async def attempt() -> T:
-        if before_try is not None:
-            await before_try()
-        return await fn()
+
+async def _attempt(fn: Callable[[], Awaitable[T]],
+                   before_try: Callable[[], Awaitable[None]] | None) -> T:
+    if before_try is not None:
+        await before_try()
+    return await fn()
+
+
+@functools.lru_cache(maxsize=32)
+def _policy(tries: int, base_s: float, cap_s: float,
+            phase: str) -> Callable[..., Awaitable[Any]]:
+    """The retrying wrapper for one set of settings, built once (a poll goes through here
+    every few seconds per job; building backoff's decorator each time was a tenth of the
+    daemon's CPU per poll)."""
 
     def on_backoff(details: Any) -> None:
         exc = details.get("exception")
@@ -67,7 +80,7 @@ async def call(
             error=getattr(exc, "message", repr(exc)),
         )
 
-    retrying = backoff.on_exception(
+    retrying: Callable[..., Awaitable[Any]] = backoff.on_exception(
         _waits,
         ReeldropError,
         max_tries=tries,
@@ -77,6 +90,5 @@ async def call(
         logger=None,  # our own api.retry_scheduled line replaces backoff's
         base_s=base_s,
         cap_s=cap_s,
-    )(attempt)
-    result: T = await retrying()
-    return result
+    )(_attempt)
+    return retrying
