@@ -211,7 +211,8 @@ class Daemon:
     async def watch(self) -> None:
         await watcher.pump(
             self.spool.inbox, self.wake, self.stop_watching, rescan_s=self.config.rescan_s,
-            step_ms=self.config.watch_step_ms, force_polling=self.config.poll,
+            step_ms=self.config.watch_step_ms, idle_step_ms=self.config.watch_idle_step_ms,
+            busy_s=self.config.watch_busy_s, force_polling=self.config.poll,
             poll_delay_ms=self.config.poll_delay_ms)
 
     async def heartbeat(self) -> None:
