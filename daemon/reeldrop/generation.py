@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from . import retry
 from .config import Config
 from .errors import APIError, GenerationFailed, GenerationTimeout
 from .jobs import Member
-from .scheduler import SubmitGate, poll_delay
+from .scheduler import FirstLook, SubmitGate, poll_delay
 from .veo import VeoClient, video_uris
 from .writer import Progress, VideoFile, download_video
 
@@ -26,6 +26,7 @@ from .writer import Progress, VideoFile, download_video
 class Generation:
     def __init__(self, client: VeoClient, gate: SubmitGate, config: Config) -> None:
         self.client, self.gate, self.config = client, gate, config
+        self.first_look = FirstLook()
 
     async def create(
         self,
@@ -72,17 +73,21 @@ class Generation:
         *,
         age_s: Callable[[], float] | None = None,
         on_poll: Callable[[float], None] | None = None,
+        kind: Hashable = None,
     ) -> list[str]:
         """Poll on the adaptive schedule until done; the video URIs, or a typed failure.
 
         ``age_s`` tells the operation's age (it may predate this process); by default it is
-        counted from this call.
+        counted from this call. ``kind`` (``scheduler.kind_of``) lets the first look come
+        when operations like this one usually finish.
         """
         started = time.monotonic()
         age = age_s or (lambda: time.monotonic() - started)
         deadline_s = self.config.poll_deadline_s
-        await asyncio.sleep(max(0.0, self.config.poll_initial_s - age()))
+        await asyncio.sleep(max(0.0, self.first_look.wait_s(kind, self.config) - age()))
+        running_at = 0.0  # the operation's age at the last look that found it running
         while True:
+            looked_at = age()
             try:
                 op = await retry.call(
                     lambda: self.client.poll(operation), tries=self.config.poll_error_tries,
@@ -94,7 +99,9 @@ class Generation:
                         "and their videos are kept for 2 days.") from None
                 raise
             if op.done:
+                self.first_look.finished(kind, running_at)
                 return video_uris(op)
+            running_at = looked_at
             elapsed = age()
             if on_poll is not None:
                 on_poll(elapsed)

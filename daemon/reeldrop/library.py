@@ -22,7 +22,7 @@ from .config import Config, load
 from .errors import ErrorInfo, ReeldropError
 from .generation import Generation
 from .jobs import VideoRequest
-from .scheduler import SubmitGate
+from .scheduler import SubmitGate, kind_of
 from .veo import VeoClient
 from .writer import Progress
 
@@ -156,7 +156,8 @@ class VeoVideoGenerator:
             operation = await self._generation.create(member)
             if on_operation is not None:
                 on_operation(operation)
-            uris = await self._generation.wait(operation, on_poll=on_poll)
+            uris = await self._generation.wait(
+                operation, on_poll=on_poll, kind=kind_of(member.model, member.parameters))
             uri = uris[0]
             partial = path.with_name(f".{path.name}.part")
             video = await self._generation.download(uri, partial, path, progress=on_download)

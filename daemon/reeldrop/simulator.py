@@ -65,6 +65,7 @@ class _Op(msgspec.Struct):
     outcome: str  # "ok" | "fail" | "filtered"
     file_id: str
     done_at: float | None = None  # wall time the operation finished (set on first done poll)
+    polls: int = 0
 
 
 def _asset(aspect: str) -> bytes:
@@ -211,6 +212,7 @@ class Simulator:
         op = self.ops.get(name)
         if op is None:
             return _error(404, "NOT_FOUND", f"Operation {name} not found.")
+        op.polls += 1
         if time.monotonic() < op.ready_at:
             return web.json_response({"name": name})
         if op.done_at is None:

@@ -1,0 +1,75 @@
+"""Pacing: the first look at an operation is learned per kind; the watcher slows when quiet."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from reeldrop.scheduler import FirstLook, kind_of
+from reeldrop.simulator import SimConfig, Simulator
+
+from .support import drop, finished, make_config, running, sidecars, until
+
+
+def test_the_first_look_is_learned_per_kind_and_pulled_earlier_by_fast_jobs(
+        tmp_path: Path) -> None:
+    """With nothing learned the first look is poll_initial_s; after jobs of a kind that ran
+    ~60 s it comes near 60 s for that kind only; jobs found done at their first look pull it
+    back towards poll_initial_s."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta", poll_initial_s=8.0,
+                         poll_jitter=0.1)
+    first, rng = FirstLook(), random.Random(3)
+    slow = kind_of("veo-3.1-generate-preview", {"resolution": "1080p", "durationSeconds": 8})
+    other = kind_of("veo-3.1-generate-preview", {"resolution": "720p", "durationSeconds": 4})
+    assert first.wait_s(slow, config, rng) == 8.0
+    for bound in range(58, 68):
+        first.finished(slow, float(bound))
+    assert 58 * 0.9 <= first.wait_s(slow, config, rng) <= 58
+    assert first.wait_s(other, config, rng) == 8.0
+    for _ in range(8):
+        first.finished(slow, 0.0)  # faster than the first look: done when first seen
+    assert first.wait_s(slow, config, rng) == 8.0
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(latency_s=1.0, latency_jitter_s=0.0, seed=4)
+
+
+async def test_later_jobs_of_a_kind_cost_a_few_polls_not_dozens(
+        tmp_path: Path, sim: Simulator) -> None:
+    """The first 1-second job is polled every 50 ms (about 20 looks); jobs of the same kind
+    dropped after it finished are first looked at near 1 s and need at most a few looks,
+    and are still noticed within a poll interval or two."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.05, poll_min_s=0.05,
+                         poll_fraction=0.05, poll_jitter=0.1)
+    async with running(config):
+        drop(tmp_path / "inbox", "first.prompt", "the first of its kind")
+        await until(finished(tmp_path / "outbox", 1))
+        for i in range(3):
+            drop(tmp_path / "inbox", f"later{i}.prompt", f"a later one {i}")
+        await until(finished(tmp_path / "outbox", 4))
+    polls = {op.prompt: op.polls for op in sim.ops.values()}
+    assert polls["the first of its kind"] >= 10, polls
+    assert all(polls[f"a later one {i}"] <= 4 for i in range(3)), polls
+    docs = sidecars(tmp_path / "outbox")
+    assert {d.state for d in docs.values()} == {"succeeded"}
+
+
+async def test_a_quiet_inbox_is_still_watched(tmp_path: Path, sim: Simulator) -> None:
+    """After watch_busy_s without a file the watcher switches to its slow step and back: a
+    file dropped then is still noticed by the watcher, long before the periodic rescan."""
+    config = make_config(tmp_path, sim.base_url, watch_busy_s=0.2, watch_idle_step_ms=100,
+                         rescan_s=60)
+    async with running(config):
+        drop(tmp_path / "inbox", "busy.prompt", "while busy")
+        await until(finished(tmp_path / "outbox", 1), timeout=5)
+        await asyncio.sleep(0.6)  # quiet: the watcher is on its idle step now
+        drop(tmp_path / "inbox", "quiet.prompt", "after a quiet spell")
+        await until(finished(tmp_path / "outbox", 2), timeout=5)
+        await asyncio.sleep(0.6)
+        drop(tmp_path / "inbox", "again.prompt", "after another quiet spell")
+        await until(finished(tmp_path / "outbox", 3), timeout=5)
