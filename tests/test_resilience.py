@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from reeldrop.daemon import Daemon
+from reeldrop.intake import Intake
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.spool import Spool
 
@@ -114,6 +115,34 @@ def test_recovery_cleans_what_a_crash_leaves(tmp_path: Path) -> None:
     assert not (spool.jobs / "empty-claim").exists()
     assert (spool.failed / "orphan").is_dir()
     assert list(spool.outbox.iterdir()) == []
+
+
+def test_a_job_claimed_but_never_tried_is_accepted_again_under_its_own_name(
+        tmp_path: Path) -> None:
+    """A single job keeps no state record until its first try (its claimed file is the
+    record); after a crash, a restart accepts the file again under the same name and job id,
+    with no ``NAME.2``."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+
+    def fresh() -> tuple[Spool, Intake]:
+        inbox, outbox = config.require_dirs()
+        spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+        spool.prepare()
+        return spool, Intake(config, spool)
+
+    spool, intake = fresh()
+    path = drop(spool.inbox, "one.prompt", "a prompt")
+    run = spool.claim(path)
+    assert run is not None
+    intake.accept(run)
+    assert sorted(p.name for p in run.directory.iterdir()) == ["one.prompt"]
+    spool, intake = fresh()  # the crash: a new process
+    runs = spool.recover()
+    assert [(r.job_id, r.members) for r in runs] == [(run.job_id, [])]
+    intake.accept(runs[0])
+    assert [m.output for m in runs[0].members] == ["one"]
+    assert sidecars(spool.outbox)["one"].job_id == run.job_id
+    assert sorted(p.name for p in spool.outbox.iterdir()) == ["one.json"]
 
 
 async def test_a_429_storm_settles_without_failing_anything(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ class Intake:
                 index=index, prompt=m.prompt, model=m.model, parameters=m.parameters,
                 created_at=stamp, updated_at=stamp, metadata=m.metadata,
             )
-            run.members.append(self._publish_first(run, draft, durable))
+            run.members.append(self._publish_first(run, draft, durable, record=batch is not None))
         log.get().info("job.accepted", job_id=run.job_id, source=run.source,
                        members=len(run.members))
         return run.members
@@ -97,8 +97,15 @@ class Intake:
         self.release(run.members[0])
         log.get().error("job.invalid", job_id=run.job_id, source=run.source, error=error.message)
 
-    def _publish_first(self, run: JobRun, draft: Sidecar, durable: bool) -> Sidecar:
-        """Reserve a free output name for ``draft`` and publish it there, never clobbering."""
+    def _publish_first(self, run: JobRun, draft: Sidecar, durable: bool, *,
+                       record: bool = True) -> Sidecar:
+        """Reserve a free output name for ``draft`` and publish it there, never clobbering.
+
+        Without ``record`` only the public sidecar is written: a single job's claimed file is
+        its record until its first try (a restart accepts it again and keeps the name, since
+        the sidecar carries the job id). Members of an array are recorded at once, so that a
+        restart finds all of them even when only some have started.
+        """
         for n in range(1, MAX_SUFFIX + 1):
             name = draft.output if n == 1 else f"{draft.output}.{n}"
             if name in self.reserved:
@@ -109,7 +116,10 @@ class Intake:
             candidate = draft if n == 1 else _renamed(draft, name)
             mine = owner is not None and owner.job_id == run.job_id
             try:
-                self.spool.save(run, candidate, exclusive=owner is None, durable=durable)
+                if record:
+                    self.spool.save(run, candidate, exclusive=owner is None, durable=durable)
+                else:
+                    self.spool.publish(candidate, exclusive=owner is None)
             except FileExistsError:
                 continue  # another daemon took the name a moment ago
             except OSError as e:

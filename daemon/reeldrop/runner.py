@@ -22,7 +22,7 @@ from .config import Config
 from .errors import GenerationFailed, OutputError, ReeldropError, describe
 from .generation import Generation
 from .jobs import Member
-from .scheduler import SubmitGate
+from .scheduler import SubmitGate, kind_of
 from .sidecar import Sidecar, now
 from .spool import JobRun, Spool
 from .veo import VeoClient
@@ -70,8 +70,9 @@ class Runner:
             if member.operation is None:
                 member = await self._submit(run, member, logger)
             uris = await self._await_done(member)
+            # Not recorded: after a crash the operation is polled again (it is done) and the
+            # download resumes from its partial file. Shown once it lasts (see _download).
             member = member.moved("downloading")
-            await self.spool.update(run, member)
             videos = await self._download(run, member, uris)
             member = member.moved("succeeded", videos=videos, error=None, bytes_done=None,
                                   bytes_total=None)
@@ -123,7 +124,9 @@ class Runner:
         async def before_try() -> None:
             nonlocal current
             current = current.moved("submitting", attempts=current.attempts + 1)
-            await self.spool.update(run, current)  # the try counts even if we crash in it
+            # The try counts even if we crash in it. A first try lasts one round trip, so
+            # the public sidecar shows "submitting" only once the create call is retried.
+            await self.spool.update(run, current, publish=current.attempts > 1)
 
         async def store(operation: str) -> None:
             nonlocal current
@@ -140,7 +143,8 @@ class Runner:
     async def _await_done(self, member: Sidecar) -> list[str]:
         assert member.operation is not None
         return await self.generation.wait(member.operation,
-                                          age_s=lambda: _age_s(member.submitted_at))
+                                          age_s=lambda: _age_s(member.submitted_at),
+                                          kind=kind_of(member.model, member.parameters))
 
     async def _download(self, run: JobRun, member: Sidecar, uris: list[str]) -> list[VideoFile]:
         outbox = self.spool.outbox
@@ -151,13 +155,14 @@ class Runner:
         last = time.monotonic()
 
         def progress(done: int, total: int | None) -> None:
-            """Show bytes in the sidecar about once a second, never two writes at a time."""
+            """Show "downloading" with bytes in the sidecar once a download has run a second,
+            then about once a second, never two writes at a time (sidecar only: no record)."""
             nonlocal last
             if time.monotonic() - last < PROGRESS_EVERY_S or any(not f.done() for f in reporting):
                 return
             last = time.monotonic()
             update = member.moved("downloading", bytes_done=done, bytes_total=total)
-            reporting.append(asyncio.ensure_future(self.spool.update(run, update)))
+            reporting.append(asyncio.ensure_future(self.spool.show(update)))
 
         for i, uri in enumerate(uris, start=1):
             name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"

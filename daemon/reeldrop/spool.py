@@ -106,7 +106,7 @@ class Spool:
         syncfs(self.root)
 
     def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False,
-             durable: bool = True) -> None:
+             durable: bool = True, publish: bool = True) -> None:
         """Persist a member: spool record first (the truth), then the public sidecar.
 
         An outbox deleted under us is created again; other write errors become OutputError
@@ -118,6 +118,11 @@ class Spool:
         except OSError as e:
             raise OutputError(f"Cannot record the job's state in {run.directory}: "
                               f"{e.strerror}.") from None
+        if publish:
+            self.publish(member, exclusive=exclusive)
+
+    def publish(self, member: Sidecar, *, exclusive: bool = False) -> None:
+        """Write the public sidecar alone (see ``save``)."""
         try:
             sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
         except FileExistsError:
@@ -130,10 +135,11 @@ class Spool:
             raise OutputError(f"Cannot write the sidecar {member.output}.json into "
                               f"{self.outbox}: {e.strerror}.") from None
 
-    def record(self, run: JobRun, member: Sidecar) -> None:
-        """Persist a member's intermediate state (blocking)."""
+    def record(self, run: JobRun, member: Sidecar, *, publish: bool = True) -> None:
+        """Persist a member's intermediate state (blocking); ``publish=False`` keeps a state
+        too short-lived to show out of the public sidecar (it shows the previous one)."""
         run.members[member.index - 1] = member
-        self.save(run, member)
+        self.save(run, member, publish=publish)
 
     def settle(self, run: JobRun, member: Sidecar) -> Path | None:
         """Persist a member's final state; archive the job if it was the last (blocking).
@@ -146,9 +152,13 @@ class Spool:
             self._write_batch(run)
             return self._archive_locked(run)
 
-    async def update(self, run: JobRun, member: Sidecar) -> None:
+    async def update(self, run: JobRun, member: Sidecar, *, publish: bool = True) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
-        await asyncio.to_thread(self.record, run, member)
+        await asyncio.to_thread(self.record, run, member, publish=publish)
+
+    async def show(self, member: Sidecar) -> None:
+        """Publish a state that needs no record (download progress: a restart polls again)."""
+        await asyncio.to_thread(self.publish, member)
 
     def _write_batch(self, run: JobRun) -> None:
         """``outbox/STEM.batch.json`` for an array job, from the members' current states."""
@@ -178,9 +188,9 @@ class Spool:
             return None
         failed = any(m.state == "failed" for m in run.members) or not run.members
         target = (self.failed if failed else self.done) / run.job_id
+        # Not fsynced: if a power cut undoes the move, start-up finds the finished job in
+        # jobs/ and archives it again (its final records and sidecars are durable).
         os.rename(run.directory, target)
-        fsync_dir(target.parent)
-        fsync_dir(self.jobs)
         run.directory, run.archived = target, True
         return target
 

@@ -13,9 +13,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
+import itertools
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+_tmp_serial = itertools.count()  # with the pid, names this process's temp files uniquely
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once from /proc (``os.umask`` would change it for a moment,
+    under other threads' feet); unknown means "always fchmod"."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False,
                  durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (and, if ``durable``, survive a power cut).
@@ -69,11 +84,12 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool 
     a process crash cannot lose it; only a machine crash can, which suits copies that are
     rebuilt from a durable record at start-up (the public sidecars).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_tmp_serial)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
-            os.fchmod(fd, mode)  # the umask must not decide what consumers can read
+            if mode & _umask():
+                os.fchmod(fd, mode)  # the umask must not decide what consumers can read
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
