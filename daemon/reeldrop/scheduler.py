@@ -93,7 +93,7 @@ class FirstLook:
     Each finished operation leaves a lower bound of its generation time: its age at the last
     look that found it still running (0 if the first look found it done already). The first
     look at a new operation comes at the ``QUANTILE`` of the last ``WINDOW`` bounds of its
-    kind, shortened by up to ``poll_jitter`` to spread the looks, and never before
+    kind, less up to one poll interval to spread the looks, and never before
     ``poll_initial_s``. When jobs of one kind take about ``T``, each then costs two or three
     polls instead of dozens. A job faster than most recent ones is noticed late, by at most
     the learned wait, and leaves a bound of 0 that pulls the next first looks earlier: the
@@ -113,7 +113,9 @@ class FirstLook:
         if bounds:
             ordered = sorted(bounds)
             learned = ordered[int(self.QUANTILE * (len(ordered) - 1))]
-            learned *= 1 - (rng or random).uniform(0, config.poll_jitter)
+            # Spread over up to one poll interval: enough to break lockstep, and a look
+            # before the usual time costs at most one extra poll.
+            learned -= (rng or random).uniform(0, poll_delay(learned, config, rng))
         return max(config.poll_initial_s, learned)
 
     def finished(self, kind: Hashable, running_at_s: float) -> None:
