@@ -30,6 +30,7 @@ from .veo import VeoClient
 from .writer import PARTIAL_DIR
 
 INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
+INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
 BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
 
 
@@ -167,12 +168,12 @@ class Daemon:
             scan = await asyncio.to_thread(self.scanner.scan)
             room = self.config.queue_max - self.queue.qsize()
             ready = scan.ready[:max(0, room)]
-            for start in range(0, len(ready), INTAKE_BATCH):
-                if self.should_exit.is_set():
-                    break
-                runs = await asyncio.to_thread(self._take, ready[start:start + INTAKE_BATCH])
+            start, size = 0, INTAKE_FIRST
+            while start < len(ready) and not self.should_exit.is_set():
+                runs = await asyncio.to_thread(self._take, ready[start:start + size])
                 for run in runs:
                     self.enqueue(run)
+                start, size = start + size, min(size * 2, INTAKE_BATCH)
             self.ready.set()
             # Not asyncio.wait_for: on 3.11 it swallows a cancellation that lands as the wake-up
             # does, and the loop would outlive shutdown (the daemon hung on SIGTERM).
