@@ -126,7 +126,11 @@ class Runner:
             current = current.moved("submitting", attempts=current.attempts + 1)
             # The try counts even if we crash in it. A first try lasts one round trip, so
             # the public sidecar shows "submitting" only once the create call is retried.
-            await self.spool.update(run, current, publish=current.attempts > 1)
+            # Only a power cut can lose an unsynced record, and then the member is submitted
+            # again, which is what resubmit_unconfirmed (the default) would do anyway; without
+            # it the record must survive the power cut to stop that second submission.
+            await self.spool.update(run, current, publish=current.attempts > 1,
+                                    durable=not self.config.resubmit_unconfirmed)
 
         async def store(operation: str) -> None:
             nonlocal current

@@ -135,11 +135,12 @@ class Spool:
             raise OutputError(f"Cannot write the sidecar {member.output}.json into "
                               f"{self.outbox}: {e.strerror}.") from None
 
-    def record(self, run: JobRun, member: Sidecar, *, publish: bool = True) -> None:
+    def record(self, run: JobRun, member: Sidecar, *, publish: bool = True,
+               durable: bool = True) -> None:
         """Persist a member's intermediate state (blocking); ``publish=False`` keeps a state
         too short-lived to show out of the public sidecar (it shows the previous one)."""
         run.members[member.index - 1] = member
-        self.save(run, member, publish=publish)
+        self.save(run, member, publish=publish, durable=durable)
 
     def settle(self, run: JobRun, member: Sidecar) -> Path | None:
         """Persist a member's final state; archive the job if it was the last (blocking).
@@ -152,9 +153,10 @@ class Spool:
             self._write_batch(run)
             return self._archive_locked(run)
 
-    async def update(self, run: JobRun, member: Sidecar, *, publish: bool = True) -> None:
+    async def update(self, run: JobRun, member: Sidecar, *, publish: bool = True,
+                     durable: bool = True) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
-        await asyncio.to_thread(self.record, run, member, publish=publish)
+        await asyncio.to_thread(self.record, run, member, publish=publish, durable=durable)
 
     async def show(self, member: Sidecar) -> None:
         """Publish a state that needs no record (download progress: a restart polls again)."""
