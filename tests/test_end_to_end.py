@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -145,3 +146,32 @@ async def test_a_name_with_a_video_is_never_overwritten(tmp_path: Path, sim: Sim
     assert docs["cat.2"].prompt == "a cat again"
     assert docs["cat.2"].videos[0].file == "cat.2.mp4"
     assert (outbox / "cat.mp4").read_bytes() == first
+
+
+async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:
+    """A watcher of NAME.json sees queued → submitting → generating → downloading →
+    succeeded, each state long enough here to be read (a slow create call, a 0.3 s
+    generation, a slow link), and never a torn file."""
+    config = SimConfig(latency_s=0.3, latency_jitter_s=0.0, create_latency_s=0.3,
+                       video_bytes=3 << 20, download_chunk_delay_s=0.15)
+    sim = Simulator(config)
+    await sim.start()
+    seen: dict[str, list[str]] = {"first": [], "second": []}
+    outbox = tmp_path / "outbox"
+    try:
+        async with running(make_config(tmp_path, sim.base_url, concurrency=1)):
+            drop(tmp_path / "inbox", "first.prompt", "the first")
+            drop(tmp_path / "inbox", "second.prompt", "the second, queued behind it")
+            async with asyncio.timeout(30):
+                while not all(s and s[-1] == "succeeded" for s in seen.values()):
+                    for name, states in seen.items():
+                        if (outbox / f"{name}.json").exists():
+                            doc = msgspec.json.decode((outbox / f"{name}.json").read_bytes())
+                            if not states or states[-1] != doc["state"]:
+                                states.append(doc["state"])
+                    await asyncio.sleep(0.005)
+    finally:
+        await sim.stop()
+    order = ["queued", "submitting", "generating", "downloading", "succeeded"]
+    assert seen["second"] == order
+    assert seen["first"] in (order, order[1:])  # its queued state may last no time at all

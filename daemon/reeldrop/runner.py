@@ -70,9 +70,10 @@ class Runner:
             if member.operation is None:
                 member = await self._submit(run, member, logger)
             uris = await self._await_done(member)
-            # Not recorded: after a crash the operation is polled again (it is done) and the
-            # download resumes from its partial file. Shown once it lasts (see _download).
+            # Shown, not recorded: after a crash the operation is polled again (it is done)
+            # and the download resumes from its partial file.
             member = member.moved("downloading")
+            await self.spool.show(member)
             videos = await self._download(run, member, uris)
             member = member.moved("succeeded", videos=videos, error=None, bytes_done=None,
                                   bytes_total=None)
@@ -124,13 +125,11 @@ class Runner:
         async def before_try() -> None:
             nonlocal current
             current = current.moved("submitting", attempts=current.attempts + 1)
-            # The try counts even if we crash in it. A first try lasts one round trip, so
-            # the public sidecar shows "submitting" only once the create call is retried.
-            # Only a power cut can lose an unsynced record, and then the member is submitted
-            # again, which is what resubmit_unconfirmed (the default) would do anyway; without
-            # it the record must survive the power cut to stop that second submission.
-            await self.spool.update(run, current, publish=current.attempts > 1,
-                                    durable=not self.config.resubmit_unconfirmed)
+            # The try counts even if we crash in it. Only a power cut can lose an unsynced
+            # record, and then the member is submitted again, which is what
+            # resubmit_unconfirmed (the default) would do anyway; without it the record must
+            # survive the power cut to stop that second submission.
+            await self.spool.update(run, current, durable=not self.config.resubmit_unconfirmed)
 
         async def store(operation: str) -> None:
             nonlocal current
@@ -159,8 +158,7 @@ class Runner:
         last = time.monotonic()
 
         def progress(done: int, total: int | None) -> None:
-            """Show "downloading" with bytes in the sidecar once a download has run a second,
-            then about once a second, never two writes at a time (sidecar only: no record)."""
+            """Show bytes in the sidecar about once a second, never two writes at a time."""
             nonlocal last
             if time.monotonic() - last < PROGRESS_EVERY_S or any(not f.done() for f in reporting):
                 return

@@ -55,6 +55,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     retry_delay_s: float = 1.0
     video_bytes: int | None = None  # pad every video to this size
     download_chunk_delay_s: float = 0.0  # pause after each 1 MiB served (a slow link)
+    create_latency_s: float = 0.0  # time to answer a create call (the real one takes ~1 s)
     expire_after_s: float = 2 * 86400.0
 
 
@@ -157,6 +158,8 @@ class Simulator:
             return _error(404, "NOT_FOUND", f"Method {action} not found.")
         if not self._authorised(request):
             return _bad_key()
+        if self.config.create_latency_s:
+            await asyncio.sleep(self.config.create_latency_s)
         try:
             body = msgspec.json.decode(await request.read())
             prompt = str(body["instances"][0].get("prompt", ""))

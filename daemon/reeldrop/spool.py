@@ -106,7 +106,7 @@ class Spool:
         syncfs(self.root)
 
     def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False,
-             durable: bool = True, publish: bool = True) -> None:
+             durable: bool = True) -> None:
         """Persist a member: spool record first (the truth), then the public sidecar.
 
         An outbox deleted under us is created again; other write errors become OutputError
@@ -118,8 +118,7 @@ class Spool:
         except OSError as e:
             raise OutputError(f"Cannot record the job's state in {run.directory}: "
                               f"{e.strerror}.") from None
-        if publish:
-            self.publish(member, exclusive=exclusive)
+        self.publish(member, exclusive=exclusive)
 
     def publish(self, member: Sidecar, *, exclusive: bool = False) -> None:
         """Write the public sidecar alone (see ``save``)."""
@@ -135,12 +134,10 @@ class Spool:
             raise OutputError(f"Cannot write the sidecar {member.output}.json into "
                               f"{self.outbox}: {e.strerror}.") from None
 
-    def record(self, run: JobRun, member: Sidecar, *, publish: bool = True,
-               durable: bool = True) -> None:
-        """Persist a member's intermediate state (blocking); ``publish=False`` keeps a state
-        too short-lived to show out of the public sidecar (it shows the previous one)."""
+    def record(self, run: JobRun, member: Sidecar, *, durable: bool = True) -> None:
+        """Persist a member's intermediate state (blocking)."""
         run.members[member.index - 1] = member
-        self.save(run, member, publish=publish, durable=durable)
+        self.save(run, member, durable=durable)
 
     def settle(self, run: JobRun, member: Sidecar) -> Path | None:
         """Persist a member's final state; archive the job if it was the last (blocking).
@@ -153,13 +150,12 @@ class Spool:
             self._write_batch(run)
             return self._archive_locked(run)
 
-    async def update(self, run: JobRun, member: Sidecar, *, publish: bool = True,
-                     durable: bool = True) -> None:
+    async def update(self, run: JobRun, member: Sidecar, *, durable: bool = True) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
-        await asyncio.to_thread(self.record, run, member, publish=publish, durable=durable)
+        await asyncio.to_thread(self.record, run, member, durable=durable)
 
     async def show(self, member: Sidecar) -> None:
-        """Publish a state that needs no record (download progress: a restart polls again)."""
+        """Publish a state that needs no record (downloading: a restart polls again)."""
         await asyncio.to_thread(self.publish, member)
 
     def _write_batch(self, run: JobRun) -> None:
