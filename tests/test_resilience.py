@@ -244,6 +244,36 @@ async def test_a_full_disk_fails_the_job_cleanly_and_the_daemon_stays_up(
     assert not list((tmp_path / "outbox" / ".partial").iterdir())
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+async def test_permission_denied_on_the_outbox_fails_the_job_cleanly(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """A download directory the daemon may not write into (a real EACCES: the daemon runs
+    without CAP_DAC_OVERRIDE, so even root obeys the mode bits) fails the job with the
+    reason and leaves no video; the daemon stays up and exits 0 on SIGTERM."""
+    partial = tmp_path / "outbox" / ".partial"
+    partial.mkdir(parents=True)
+    partial.chmod(0o555)
+    env = {**daemon_env, "GEMINI_API_KEY": TEST_KEY}
+    drop_caps = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    proc = await spawn([*drop_caps, *daemon_args(tmp_path, sim.base_url, "--download-tries",
+                                                 "2")], env, tmp_path / "log")
+    try:
+        drop(tmp_path / "inbox", "denied.prompt", "a prompt")
+        await until(finished(tmp_path / "outbox", 1), timeout=30)
+        assert proc.returncode is None, "the daemon died"
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        partial.chmod(0o755)
+    doc = sidecars(tmp_path / "outbox")["denied"]
+    assert doc.state == "failed" and doc.error is not None
+    assert doc.error.type == "OutputError" and "Permission denied" in doc.error.message
+    assert not list((tmp_path / "outbox").glob("*.mp4")) and not list(partial.iterdir())
+    assert sim.stats["submissions"] == 1
+
+
 async def test_spent_budgets_end_in_a_failed_sidecar_with_the_last_error(tmp_path: Path) -> None:
     """A create budget spent on 429s, and a poll deadline passed, each end `failed` with the
     reason; nothing retries forever."""
