@@ -210,6 +210,18 @@ async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(
     assert not list((tmp_path / "inbox" / ".reeldrop" / "jobs").iterdir())
 
 
+async def finish_each_then_stop(proc: asyncio.subprocess.Process, tmp_path: Path,
+                                *names: str) -> None:
+    """Drop each job in turn and wait for its final sidecar; the daemon must still be up,
+    and exit 0 on SIGTERM."""
+    for count, name in enumerate(names, start=1):
+        drop(tmp_path / "inbox", name, f"a prompt for {name}")
+        await until(finished(tmp_path / "outbox", count), timeout=30)
+    assert proc.returncode is None, "the daemon died"
+    proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(proc) == 0
+
+
 async def test_a_full_disk_fails_the_job_cleanly_and_the_daemon_stays_up(
         tmp_path: Path, daemon_env: dict[str, str]) -> None:
     """Writing a video past RLIMIT_FSIZE (a real EFBIG, like a full disk) fails that job with
@@ -227,13 +239,7 @@ async def test_a_full_disk_fails_the_job_cleanly_and_the_daemon_stays_up(
             proc = await asyncio.create_subprocess_exec(
                 *daemon_args(tmp_path, sim.base_url), env=env, stdout=out, stderr=out,
                 preexec_fn=small_disk)
-        drop(tmp_path / "inbox", "first.prompt", "a prompt")
-        await until(finished(tmp_path / "outbox", 1), timeout=30)
-        drop(tmp_path / "inbox", "second.prompt", "another prompt")
-        await until(finished(tmp_path / "outbox", 2), timeout=30)
-        assert proc.returncode is None, "the daemon died"
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
+        await finish_each_then_stop(proc, tmp_path, "first.prompt", "second.prompt")
     finally:
         await sim.stop()
     for doc in sidecars(tmp_path / "outbox").values():
@@ -258,11 +264,7 @@ async def test_permission_denied_on_the_outbox_fails_the_job_cleanly(
     proc = await spawn([*drop_caps, *daemon_args(tmp_path, sim.base_url, "--download-tries",
                                                  "2")], env, tmp_path / "log")
     try:
-        drop(tmp_path / "inbox", "denied.prompt", "a prompt")
-        await until(finished(tmp_path / "outbox", 1), timeout=30)
-        assert proc.returncode is None, "the daemon died"
-        proc.send_signal(signal.SIGTERM)
-        assert await wait_exit(proc) == 0
+        await finish_each_then_stop(proc, tmp_path, "denied.prompt")
     finally:
         if proc.returncode is None:
             proc.kill()
