@@ -14,7 +14,10 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -28,6 +31,8 @@ from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 from .veo import VeoClient
 from .writer import PARTIAL_DIR
+
+T = TypeVar("T")
 
 INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
 INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
@@ -49,6 +54,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self.wake = asyncio.Event()
         self.stop_watching = asyncio.Event()
+        self.intake_thread = ThreadPoolExecutor(1, thread_name_prefix="reeldrop-intake")
 
     def run(self) -> int:
         return asyncio.run(self.serve())
@@ -69,6 +75,7 @@ class Daemon:
                 helpers.append(tg.create_task(self.intake_loop()))
                 await self.main_loop(recovered)
                 await self.shutdown(workers, helpers)
+        self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
         self.notifier.close()
         return 0
 
@@ -165,12 +172,12 @@ class Daemon:
     async def intake_loop(self) -> None:
         while True:
             self.wake.clear()
-            scan = await asyncio.to_thread(self.scanner.scan)
+            scan = await self.in_intake_thread(self.scanner.scan)
             room = self.config.queue_max - self.queue.qsize()
             ready = scan.ready[:max(0, room)]
             start, size = 0, INTAKE_FIRST
             while start < len(ready) and not self.should_exit.is_set():
-                runs = await asyncio.to_thread(self._take, ready[start:start + size])
+                runs = await self.in_intake_thread(self._take, ready[start:start + size])
                 for run in runs:
                     self.enqueue(run)
                 start, size = start + size, min(size * 2, INTAKE_BATCH)
@@ -180,6 +187,11 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(scan.next_check_s or self.config.rescan_s):
                     await self.wake.wait()
+
+    async def in_intake_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Intake's blocking work runs on its own thread, not in the shared pool, where it
+        would queue behind the state writes of the jobs it has just started."""
+        return await asyncio.get_running_loop().run_in_executor(self.intake_thread, fn, *args)
 
     def _take(self, paths: list[Path]) -> list[JobRun]:
         """Claim and accept a batch of files (blocking). A big batch skips the per-file fsyncs
