@@ -61,22 +61,25 @@ class Daemon:
 
     async def serve(self) -> int:
         self.install_signal_handlers()
-        recovered = await self.startup()
-        connector = aiohttp.TCPConnector(limit=self.config.concurrency * 2 + 4,
-                                         ttl_dns_cache=300)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            client = VeoClient(session, self.config)
-            gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
-            self.runner = Runner(self.config, client, self.spool, gate, self.settled)
-            async with asyncio.TaskGroup() as tg:
-                workers = [tg.create_task(self.worker()) for _ in range(self.config.concurrency)]
-                helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
-                await asyncio.sleep(0.05)  # let awatch set up before the first scan (see watcher)
-                helpers.append(tg.create_task(self.intake_loop()))
-                await self.main_loop(recovered)
-                await self.shutdown(workers, helpers)
-        self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
-        self.notifier.close()
+        try:
+            recovered = await self.startup()
+            connector = aiohttp.TCPConnector(limit=self.config.concurrency * 2 + 4,
+                                             ttl_dns_cache=300)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                client = VeoClient(session, self.config)
+                gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
+                self.runner = Runner(self.config, client, self.spool, gate, self.settled)
+                async with asyncio.TaskGroup() as tg:
+                    workers = [tg.create_task(self.worker())
+                               for _ in range(self.config.concurrency)]
+                    helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
+                    await asyncio.sleep(0.05)  # let awatch set up before the first scan
+                    helpers.append(tg.create_task(self.intake_loop()))
+                    await self.main_loop(recovered)
+                    await self.shutdown(workers, helpers)
+        finally:
+            self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
+            self.notifier.close()
         return 0
 
     async def startup(self) -> int:
