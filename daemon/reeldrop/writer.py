@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,7 +61,11 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-_tmp_serial = itertools.count()  # with the pid, names this process's temp files uniquely
+# With the pid, names this process's temp files uniquely: a random tag drawn once (a
+# crashed predecessor with the same pid, as in a container, leaves other names) and a
+# counter (cheaper than a random token per write).
+_TMP_TAG = secrets.token_hex(4)
+_tmp_serial = itertools.count()
 
 
 @functools.cache
@@ -84,7 +89,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool 
     a process crash cannot lose it; only a machine crash can, which suits copies that are
     rebuilt from a durable record at start-up (the public sidecars).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_tmp_serial)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_TMP_TAG}-{next(_tmp_serial)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
