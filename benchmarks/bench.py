@@ -35,9 +35,34 @@ KEY = "bench-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def machine() -> dict[str, Any]:
+def machine(scratch: Path) -> dict[str, Any]:
     return {"cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "filesystem": filesystem(scratch)}
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding ``path``, and whether an ext4 one has a journal."""
+    best, kind, device = "", "?", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        dev, mount, fstype = line.split()[:3]
+        if str(path.resolve()).startswith(mount) and len(mount) >= len(best):
+            best, kind, device = mount, fstype, dev
+    journal = Path("/sys/fs/ext4") / Path(device).name / "journal_task"
+    if kind == "ext4" and journal.exists() and journal.read_text().strip() == "<none>":
+        kind += " (no journal)"
+    return kind
+
+
+def quiet_disk() -> None:
+    """Flush, then wait out the kernel's "recently deleted" window (5 s once flushed).
+
+    ext4 without a journal (this machine's disk) will not reuse an inode freed in the last
+    5 s (300 s while its block is unflushed): each file creation steps over such inodes one
+    by one. Without this pause, cleaning up one benchmark slows the file creations of the
+    next (we measured a backlog of 9.5 s rise to 28 s that way).
+    """
+    os.sync()
+    time.sleep(6)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,8 +118,16 @@ def stamp(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-async def until_finished(outbox: Path, count: int, timeout_s: float) -> list[Sidecar]:
+async def until_finished(outbox: Path, count: int, timeout_s: float,
+                         sim: Simulator | None = None) -> list[Sidecar]:
+    """The sidecars once ``count`` jobs are done. With ``sim``, first wait (for free) until
+    it has served ``count`` downloads, so that reading every sidecar over and over does not
+    take CPU from the daemon and the simulator while they work."""
     deadline = time.monotonic() + timeout_s
+    while sim is not None and time.monotonic() < deadline:
+        if sum(kind == "download_end" for _, kind, _ in sim.events) >= count:
+            break
+        await asyncio.sleep(0.25)
     while time.monotonic() < deadline:
         docs = await asyncio.to_thread(sidecars, outbox)
         if sum(d.done for d in docs) >= count:
@@ -148,7 +181,7 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
     start = time.time()
     for path in paths:
         os.rename(path, daemon.inbox / path.name)
-    docs = await until_finished(daemon.outbox, n, 600)
+    docs = await until_finished(daemon.outbox, n, 600, sim)
     makespan = max(stamp(d.finished_at or d.updated_at) for d in docs) - start
     user1, sys1 = daemon.cpu_split()
     cpu = (user1 - user0) + (sys1 - sys0)
@@ -298,7 +331,7 @@ async def bench_peer(root: Path, sim: Simulator, quick: bool) -> dict[str, Any]:
     start = time.time()
     for path in paths:
         os.rename(path, daemon.inbox / path.name)
-    docs = await until_finished(daemon.outbox, n, 600)
+    docs = await until_finished(daemon.outbox, n, 600, sim)
     ours = max(stamp(d.finished_at or d.updated_at) for d in docs) - start
     daemon.stop()
     root_url = sim.base_url.removesuffix("v1beta")
@@ -324,18 +357,21 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=[*BENCHES, "all"])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, same shape")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the scratch inbox and outbox go (default: the temp dir)")
     args = parser.parse_args()
     for name in BENCHES if args.name == "all" else [args.name]:
+        quiet_disk()
         sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.1, seed=1))
         await sim.start()
-        root = Path(tempfile.mkdtemp(prefix=f"reeldrop-bench-{name}-"))
+        root = Path(tempfile.mkdtemp(prefix=f"reeldrop-bench-{name}-", dir=args.dir))
         try:
             figures = await BENCHES[name](root, sim, args.quick)
         finally:
             await sim.stop()
             shutil.rmtree(root, ignore_errors=True)
         print(json.dumps({"benchmark": name, "quick": args.quick, **figures,
-                          "machine": machine()}), flush=True)
+                          "machine": machine(root.parent)}), flush=True)
 
 
 if __name__ == "__main__":
