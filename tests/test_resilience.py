@@ -145,6 +145,48 @@ def test_a_job_claimed_but_never_tried_is_accepted_again_under_its_own_name(
     assert sorted(p.name for p in spool.outbox.iterdir()) == ["one.json"]
 
 
+def test_a_torn_record_line_is_cut_and_the_last_whole_state_counts(tmp_path: Path) -> None:
+    """A member's record is appended to; a crash in the middle of an append leaves a torn
+    last line. Recovery cuts it off (so the next append starts a clean line) and resumes from
+    the last whole state, keeping the operation name: the job is polled, not paid again."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+    inbox, outbox = config.require_dirs()
+    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+    spool.prepare()
+    run = spool.claim(drop(inbox, "one.prompt", "a prompt"))
+    assert run is not None
+    [member] = Intake(config, spool).accept(run)
+    spool.record(run, member.moved("submitting", attempts=1), durable=False)
+    spool.record(run, run.members[0].moved("generating", operation="models/m/operations/x"))
+    record = run.directory / "member-0001.jsonl"
+    with record.open("ab") as f:
+        f.write(b'{"job_id": "' + run.job_id.encode() + b'", "output": "one", "sta')
+    runs = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode).recover()
+    [recovered] = runs[0].members
+    assert (recovered.state, recovered.operation) == ("generating", "models/m/operations/x")
+    assert record.read_bytes().endswith(b"}\n") and record.read_bytes().count(b"\n") == 2
+    spool.record(runs[0], recovered.moved("failed"))
+    assert [m.state for m in spool.recover()[0].members] == ["failed"]
+
+
+def test_a_record_from_an_earlier_version_is_still_read(tmp_path: Path) -> None:
+    """Jobs in flight across an upgrade are not lost: a one-document ``member-NNNN.json``
+    record is read, and once the member records again its ``.jsonl`` record wins."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+    inbox, outbox = config.require_dirs()
+    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+    spool.prepare()
+    run = spool.claim(drop(inbox, "old.prompt", "a prompt"))
+    assert run is not None
+    [member] = Intake(config, spool).accept(run)
+    older = member.moved("generating", operation="models/m/operations/old")
+    (run.directory / "member-0001.json").write_bytes(msgspec.json.encode(older) + b"\n")
+    [found] = spool.recover()[0].members
+    assert found.operation == "models/m/operations/old"
+    spool.record(run, found.moved("downloading"))
+    assert [m.state for m in spool.recover()[0].members] == ["downloading"]
+
+
 async def test_a_429_storm_settles_without_failing_anything(tmp_path: Path) -> None:
     """200 jobs at once against a service allowing 5 creates per window: all succeed, each is
     created once, and the 429s stay far fewer than the jobs (the pace adapts)."""

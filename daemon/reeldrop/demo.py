@@ -13,9 +13,9 @@ from pathlib import Path
 from . import jobs
 from .config import Config, load
 from .daemon import Daemon
-from .sidecar import Sidecar, read
+from .sidecar import Sidecar
 from .simulator import SimConfig, Simulator
-from .spool import MEMBER_PREFIX
+from .spool import read_members
 
 DEMO_TIMEOUT_S = 120.0
 
@@ -77,10 +77,8 @@ def _all_finished(daemon: Daemon) -> bool:
 def _finished_members(daemon: Daemon) -> list[Sidecar]:
     found: list[Sidecar] = []
     for area in (daemon.spool.done, daemon.spool.failed):
-        for path in sorted(area.glob(f"*/{MEMBER_PREFIX}*.json")):
-            member = read(path)
-            if member is not None:
-                found.append(member)
+        for directory in sorted(area.iterdir()):
+            found.extend(read_members(directory))
     return sorted(found, key=lambda m: m.output)
 
 

@@ -20,7 +20,7 @@ import msgspec
 from . import jobs, sidecar
 from .errors import InvalidJob
 from .sidecar import BATCH_SUFFIX, Sidecar
-from .spool import MEMBER_PREFIX
+from .spool import MEMBER_PREFIX, read_members
 from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")
@@ -102,8 +102,7 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool) -> li
         if not sources:
             continue
         source = sources[0]
-        outputs = {m.output for p in directory.glob(f"{MEMBER_PREFIX}*.json")
-                   if (m := sidecar.read(p)) is not None}
+        outputs = {m.output for m in read_members(directory)}
         keys = {source.name, source.stem, *outputs}
         if not all_failed and not keys & wanted:
             continue

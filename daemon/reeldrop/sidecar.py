@@ -1,8 +1,9 @@
 """The sidecar: the public status file ``outbox/NAME.json`` beside each video.
 
-One schema serves twice: it is the document other programs watch, and (as ``member-NNNN.json``
-in the spool) the daemon's own durable record of the member, so recovery reads exactly what
-consumers read. Every field is documented in the README; treat it as a public interface.
+One schema serves twice: it is the document other programs watch, and (as the lines of
+``member-NNNN.jsonl`` in the spool) the daemon's own durable record of the member, so recovery
+reads exactly what consumers read. Every field is documented in the README; treat it as a
+public interface.
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ def read(path: Path, max_bytes: int = 1 << 20) -> Sidecar | None:
             return decode_sidecar(f.read(max_bytes))
     except (OSError, msgspec.DecodeError):
         return None
+
+
+def read_last(path: Path, max_bytes: int = 1 << 22) -> Sidecar | None:
+    """The last complete, valid document of a record of one JSON document per line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            lines = f.read(max_bytes).splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return decode_sidecar(line)
+        except msgspec.DecodeError:
+            continue
+    return None
 
 
 def publish(outbox: Path, sidecar: Sidecar, mode: int, *, exclusive: bool = False) -> None:

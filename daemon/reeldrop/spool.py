@@ -4,11 +4,15 @@ Layout (``INBOX/.reeldrop`` unless ``state_dir`` says otherwise; it must share t
 filesystem so that a claim is one ``rename()``)::
 
     jobs/<job_id>/NAME.json|NAME.prompt   the original bytes, moved here by the claim
-    jobs/<job_id>/member-0001.json        each member's durable state (the sidecar schema)
+    jobs/<job_id>/member-0001.jsonl       each member's durable state: one line (the sidecar
+                                          schema) per change, the last complete line current
     done/<job_id>/                        finished jobs, kept
     failed/<job_id>/                      jobs with a failed member, kept for inspection/retry
 
 A directory's place is its state: moving it is one atomic rename, like Postfix's queues.
+A member's record is appended to, not replaced: a replace costs a new file and frees the old
+one at every change, and an append needs one fsync where a replace needs two. A crash can
+only cut the last line short, and recovery cuts that torn tail off before anything appends.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from pathlib import Path
 from . import log, sidecar
 from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
-from .writer import atomic_write, fsync_dir, syncfs
+from .writer import fsync_dir, syncfs
 
 MEMBER_PREFIX = "member-"
+RECORD_SUFFIX = ".jsonl"  # earlier versions wrote one-document ``.json`` records; both read
 
 
 def new_job_id() -> str:
@@ -45,6 +50,7 @@ class JobRun:
     members: list[Sidecar] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)  # batch file and archiving
     archived: bool = False
+    linked: set[int] = field(default_factory=set)  # members whose record's name is durable
 
     @property
     def source_path(self) -> Path:
@@ -112,13 +118,35 @@ class Spool:
         An outbox deleted under us is created again; other write errors become OutputError
         (FileExistsError from an ``exclusive`` write passes through: the name is taken).
         """
-        path = run.directory / f"{MEMBER_PREFIX}{member.index:04d}.json"
         try:
-            atomic_write(path, sidecar.encode(member), self.file_mode, durable=durable)
+            self._append(run, member, durable)
         except OSError as e:
             raise OutputError(f"Cannot record the job's state in {run.directory}: "
                               f"{e.strerror}.") from None
         self.publish(member, exclusive=exclusive)
+
+    def _append(self, run: JobRun, member: Sidecar, durable: bool) -> None:
+        """Add one line to the member's record; a failed write leaves no partial line."""
+        path = run.directory / f"{MEMBER_PREFIX}{member.index:04d}{RECORD_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     self.file_mode)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(sidecar.encode(member))
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fdatasync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+        if durable and member.index not in run.linked:
+            fsync_dir(run.directory)  # the file's name, once
+            run.linked.add(member.index)
 
     def publish(self, member: Sidecar, *, exclusive: bool = False) -> None:
         """Write the public sidecar alone (see ``save``)."""
@@ -199,8 +227,7 @@ class Spool:
             _remove_temp_files(directory)
             files = [p for p in directory.iterdir() if p.is_file() or p.is_symlink()]
             sources = [p for p in files if not p.name.startswith(MEMBER_PREFIX)]
-            members = [m for p in sorted(files) if p.name.startswith(MEMBER_PREFIX)
-                       if (m := sidecar.read(p)) is not None]
+            members = read_members(directory, repair=True)
             if not files:
                 log.get().info("spool.removed_empty_claim", job_id=directory.name)
                 directory.rmdir()  # a crash between mkdir and the claim rename
@@ -213,6 +240,35 @@ class Spool:
                                source=sources[0].name, members=members))
         _remove_temp_files(self.outbox)
         return runs
+
+
+def read_members(directory: Path, *, repair: bool = False) -> list[Sidecar]:
+    """The current state of each member recorded in a job directory, in member order.
+
+    With ``repair`` (recovery, before anything appends), a record whose last line a crash cut
+    short is truncated back to its last complete line.
+    """
+    latest: dict[str, Path] = {}
+    for path in sorted(directory.glob(f"{MEMBER_PREFIX}*")):
+        if path.suffix in (".json", RECORD_SUFFIX) and path.is_file():
+            latest[path.name.removesuffix(path.suffix)] = path  # .jsonl sorts after .json
+    members = []
+    for _, path in sorted(latest.items()):
+        if repair and path.suffix == RECORD_SUFFIX:
+            _cut_torn_tail(path)
+        member = sidecar.read_last(path)
+        if member is not None:
+            members.append(member)
+    return members
+
+
+def _cut_torn_tail(path: Path) -> None:
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            log.get().warning("spool.torn_record_cut", record=str(path))
+            f.truncate(data.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
 
 
 def _remove_temp_files(directory: Path) -> None:
