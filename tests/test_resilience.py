@@ -9,6 +9,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -185,6 +186,37 @@ def test_a_record_from_an_earlier_version_is_still_read(tmp_path: Path) -> None:
     assert found.operation == "models/m/operations/old"
     spool.record(run, found.moved("downloading"))
     assert [m.state for m in spool.recover()[0].members] == ["downloading"]
+
+
+async def test_an_array_cut_short_in_its_accept_gets_its_missing_members(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A crash in the middle of accepting a list of jobs left a record for the first member
+    only (already submitted). The restart adds the two missing members and finishes all
+    three, without submitting the first one again."""
+    config = make_config(tmp_path, sim.base_url)
+    inbox, outbox = config.require_dirs()
+    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+    spool.prepare()
+    trio = [{"prompt": "first"}, {"prompt": "second"}, {"prompt": "third"}]
+    run = spool.claim(drop(inbox, "trio.json", msgspec.json.encode(trio)))
+    assert run is not None
+    first, *rest = Intake(config, spool).accept(run)
+    async with aiohttp.ClientSession() as http:  # the first member's create call went out
+        async with http.post(f"{sim.base_url}/models/{first.model}:predictLongRunning",
+                             json={"instances": [{"prompt": "first"}]},
+                             headers={"x-goog-api-key": TEST_KEY}) as resp:
+            operation = (await resp.json())["name"]
+    spool.record(run, first.moved("generating", operation=operation, attempts=1))
+    for member in rest:  # the crash came before these were recorded and published
+        (run.directory / f"member-{member.index:04d}.jsonl").unlink()
+        (outbox / f"{member.output}.json").unlink()
+    async with running(config):
+        await until(finished(outbox, 3), what="three finished members")
+    docs = sidecars(outbox)
+    assert {name: d.state for name, d in docs.items()} == {
+        "trio-1": "succeeded", "trio-2": "succeeded", "trio-3": "succeeded"}
+    assert docs["trio-1"].operation == operation
+    assert dict(sim.submissions) == {"first": 1, "second": 1, "third": 1}
 
 
 async def test_a_429_storm_settles_without_failing_anything(tmp_path: Path) -> None:

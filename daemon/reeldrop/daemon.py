@@ -96,7 +96,7 @@ class Daemon:
         for run in runs:
             if run.members:
                 await asyncio.to_thread(self.spool.republish, run)
-            else:
+            if not run.members or run.is_batch:  # an array's accept a crash cut short: the rest
                 await asyncio.to_thread(self.intake.accept, run)
             self.intake.adopt(run)
             self._report_archived(run, await asyncio.to_thread(self.spool.archive_if_done, run))

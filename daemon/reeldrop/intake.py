@@ -61,18 +61,27 @@ class Intake:
     def accept(self, run: JobRun, *, durable: bool = True) -> list[Sidecar]:
         """Parse a freshly claimed (or half-accepted) job; persist its members; return them.
 
-        Without ``durable``, the caller syncs the spool before any member is sent.
+        Members already recorded (a crash cut an array's accept short) are kept as they are;
+        only the missing ones are added. Without ``durable``, the caller syncs the spool
+        before any member is sent.
         """
+        known = {m.index: m for m in run.members}
         try:
             data = read_job_file(run.source_path, self.config.max_job_bytes)
             members = jobs.parse(run.source, data, self.config)
         except InvalidJob as e:
-            self._reject(run, e, durable)
+            if not known:
+                self._reject(run, e, durable)
+            return run.members  # recorded members stand, even if the config changed since
+        if len(known) == len(members):
             return run.members
         stamp = now()
         batch = jobs.default_stem(run.source) if len(members) > 1 else None
         run.members = []
         for index, m in enumerate(members, start=1):
+            if index in known:
+                run.members.append(known[index])
+                continue
             draft = Sidecar(
                 job_id=run.job_id, output=m.output, source=run.source, batch=batch,
                 index=index, prompt=m.prompt, model=m.model, parameters=m.parameters,
