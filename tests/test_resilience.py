@@ -201,11 +201,11 @@ async def test_an_array_cut_short_in_its_accept_gets_its_missing_members(
     run = spool.claim(drop(inbox, "trio.json", msgspec.json.encode(trio)))
     assert run is not None
     first, *rest = Intake(config, spool).accept(run)
-    async with aiohttp.ClientSession() as http:  # the first member's create call went out
-        async with http.post(f"{sim.base_url}/models/{first.model}:predictLongRunning",
-                             json={"instances": [{"prompt": "first"}]},
-                             headers={"x-goog-api-key": TEST_KEY}) as resp:
-            operation = (await resp.json())["name"]
+    url = f"{sim.base_url}/models/{first.model}:predictLongRunning"
+    async with (aiohttp.ClientSession() as http,  # the first member's create call went out
+                http.post(url, json={"instances": [{"prompt": "first"}]},
+                          headers={"x-goog-api-key": TEST_KEY}) as resp):
+        operation = (await resp.json())["name"]
     spool.record(run, first.moved("generating", operation=operation, attempts=1))
     for member in rest:  # the crash came before these were recorded and published
         (run.directory / f"member-{member.index:04d}.jsonl").unlink()
