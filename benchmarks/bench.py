@@ -195,6 +195,7 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
     lags = [stamp(d.finished_at) - done_at[d.prompt] for d in docs
             if d.finished_at and done_at.get(d.prompt)]
     creates = sorted(t for t, kind, _ in sim.events if kind == "create")
+    polls = [op.polls for op in sim.ops.values()]  # in the order of their create calls
     finishes = sorted(stamp(d.finished_at) for d in docs if d.finished_at)
     refills = [c - f for c, f in zip(creates[conc:], finishes, strict=False)]
     return {"jobs": n, "concurrency": conc, "generation_s": gen, "ideal_s": ideal,
@@ -203,6 +204,8 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
             "user_ms_per_job": round((user1 - user0) / n * 1000, 2),
             "sys_ms_per_job": round((sys1 - sys0) / n * 1000, 2),
             "peak_rss_mb": round(rss, 1), "polls_per_job": round(sim.stats["polls"] / n, 1),
+            "polls_per_job_first_round": round(statistics.mean(polls[:conc]), 1),
+            "polls_per_job_later": round(statistics.mean(polls[conc:]), 1),
             "median_lag_s": round(statistics.median(lags), 3),
             "median_refill_s": round(statistics.median(refills), 3),
             "first_create_s": round(creates[0] - start, 3),

@@ -23,8 +23,8 @@ def test_the_first_look_is_learned_per_kind_and_pulled_earlier_by_fast_jobs(
     config = make_config(tmp_path, "http://127.0.0.1:9/v1beta", poll_initial_s=8.0,
                          poll_jitter=0.1)
     first, rng = FirstLook(), random.Random(3)
-    slow = kind_of("veo-3.1-generate-preview", {"resolution": "1080p", "durationSeconds": 8})
-    other = kind_of("veo-3.1-generate-preview", {"resolution": "720p", "durationSeconds": 4})
+    slow = kind_of("veo-3.1-generate-preview", {"resolution": "1080p", "duration_seconds": 8})
+    other = kind_of("veo-3.1-generate-preview", {"resolution": "720p", "duration_seconds": 4})
     assert first.wait_s(slow, config, rng) == 8.0
     for bound in range(58, 68):
         first.finished(slow, float(bound))
@@ -63,6 +63,26 @@ async def test_later_jobs_of_a_kind_cost_a_few_polls_not_dozens(
         assert doc.finished_at is not None and done_at[doc.prompt] is not None
         lag_s = datetime.fromisoformat(doc.finished_at).timestamp() - done_at[doc.prompt]
         assert lag_s < 1.0, (doc.output, lag_s)
+
+
+async def test_operations_already_running_skip_ahead_once_their_kind_is_learned(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A cold start: two 2-second jobs, the second started 1.6 s after the first, before
+    anything of their kind is learned; both are polled about every 60 ms. When the first
+    finishes, the second (0.4 s old) skips ahead to the learned time instead of polling on
+    through it: a handful of looks instead of about 30."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.05, poll_min_s=0.05,
+                         poll_fraction=0.05, poll_jitter=0.1)
+    async with running(config):
+        drop(tmp_path / "inbox", "first.prompt", "the first [latency=2]")
+        await until(lambda: len(sim.ops) == 1)
+        await asyncio.sleep(1.6)
+        drop(tmp_path / "inbox", "second.prompt", "the second [latency=2]")
+        await until(finished(tmp_path / "outbox", 2))
+    polls = {op.prompt: op.polls for op in sim.ops.values()}
+    assert polls["the first [latency=2]"] >= 20, polls
+    assert polls["the second [latency=2]"] <= 14, polls
+    assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
 
 
 async def test_a_quiet_inbox_is_still_watched(tmp_path: Path, sim: Simulator) -> None:

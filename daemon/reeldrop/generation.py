@@ -109,7 +109,11 @@ class Generation:
                 raise GenerationTimeout(
                     f"The operation did not finish within {deadline_s:g} s (poll_deadline_s); "
                     f"it may still finish on the service as {operation}.")
-            await asyncio.sleep(min(poll_delay(elapsed, self.config), deadline_s - elapsed + 0.01))
+            # Operations started before their kind's time was learned (a cold start's first
+            # round) skip ahead to it as soon as it is.
+            wait = max(poll_delay(elapsed, self.config),
+                       self.first_look.wait_s(kind, self.config) - elapsed)
+            await asyncio.sleep(min(wait, deadline_s - elapsed + 0.01))
 
     async def download(
         self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None

@@ -84,7 +84,7 @@ def poll_delay(elapsed_s: float, config: Config, rng: random.Random | None = Non
 
 def kind_of(model: str, parameters: dict[str, Any]) -> Hashable:
     """What makes generation times comparable: the model and the size of the video."""
-    return (model, parameters.get("resolution"), parameters.get("durationSeconds"))
+    return (model, parameters.get("resolution"), parameters.get("duration_seconds"))
 
 
 class FirstLook:
