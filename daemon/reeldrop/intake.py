@@ -40,8 +40,13 @@ def read_job_file(path: Path, max_bytes: int) -> bytes:
         if st.st_size > max_bytes:
             raise InvalidJob(f"{path.name} is {st.st_size} bytes; job files may be at most "
                              f"{max_bytes} bytes (max_job_bytes).")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(max_bytes + 1 - size, st.st_size + 1 - size) or 1):
+            chunks.append(chunk)  # sized to the file: no megabyte buffer for a small prompt
+            size += len(chunk)
+            if size > max_bytes:
+                break
+        data = b"".join(chunks)
         if len(data) > max_bytes:
             raise InvalidJob(f"{path.name} grew past {max_bytes} bytes (max_job_bytes).")
         return data
@@ -148,9 +153,10 @@ def _renamed(draft: Sidecar, name: str) -> Sidecar:
 def _name_owner(outbox: Path, name: str, job_id: str) -> Sidecar | str | None:
     """None if the name is free; the sidecar if it may be reused; "taken" otherwise."""
     path = sidecar.path_for(outbox, name)
-    if (outbox / f"{name}.mp4").exists() or (outbox / f"{name}-1.mp4").exists():
+    if os.path.lexists(os.path.join(outbox, f"{name}.mp4")) or os.path.lexists(
+            os.path.join(outbox, f"{name}-1.mp4")):
         return "taken"
-    if not path.exists() and not path.is_symlink():
+    if not os.path.lexists(path):
         return None
     current = sidecar.read(path)
     if current is not None and current.job_id == job_id:

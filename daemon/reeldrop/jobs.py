@@ -8,9 +8,9 @@ table in the config, so a new model needs no code change).
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
-from pathlib import PurePath
 from typing import Annotated, Any
 
 import msgspec
@@ -94,7 +94,7 @@ def check_output_name(name: str, *, field: str = "output") -> str:
 def default_stem(source: str) -> str:
     """The output stem a job file gets when it names none: its own stem, made safe."""
     try:
-        return check_output_name(PurePath(source).stem, field="the job file's name")
+        return check_output_name(os.path.splitext(source)[0], field="the job file's name")
     except InvalidJob:
         return "job"
 

@@ -84,11 +84,11 @@ def encode(doc: msgspec.Struct) -> bytes:
     return _encoder.encode(doc) + b"\n"
 
 
-def path_for(outbox: Path, output: str) -> Path:
-    return outbox / f"{output}.json"
+def path_for(outbox: Path, output: str) -> str:
+    return os.path.join(outbox, f"{output}.json")
 
 
-def read(path: Path, max_bytes: int = 1 << 20) -> Sidecar | None:
+def read(path: str | Path, max_bytes: int = 1 << 20) -> Sidecar | None:
     """The sidecar at ``path``, or None if it is missing, a link, or not ours to read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -40,7 +40,7 @@ class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -79,7 +79,7 @@ def _umask() -> int:
     return 0o777
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False,
+def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False,
                  durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (and, if ``durable``, survive a power cut).
 
@@ -89,7 +89,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool 
     a process crash cannot lose it; only a machine crash can, which suits copies that are
     rebuilt from a durable record at start-up (the public sidecars).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_TMP_TAG}-{next(_tmp_serial)}.tmp")
+    parent, name = os.path.split(os.fspath(path))  # strings: this runs for every state change
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.{_TMP_TAG}-{next(_tmp_serial)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
@@ -112,7 +113,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640, *, exclusive: bool 
             os.unlink(tmp)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(parent or ".")
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
