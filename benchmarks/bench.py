@@ -57,9 +57,10 @@ def quiet_disk() -> None:
     """Flush, then wait out the kernel's "recently deleted" window (5 s once flushed).
 
     ext4 without a journal (this machine's disk) will not reuse an inode freed in the last
-    5 s (300 s while its block is unflushed): each file creation steps over such inodes one
-    by one. Without this pause, cleaning up one benchmark slows the file creations of the
-    next (we measured a backlog of 9.5 s rise to 28 s that way).
+    5 s (300 s while its inode table block is unflushed, and creating a file there dirties
+    it again): each file creation steps over such inodes one by one. So scratch trees are
+    deleted only after the last benchmark; a run soon after deleting many files (such as the
+    previous run's cleanup) is still slower (we measured a backlog of 9.5 s rise to 28 s).
     """
     os.sync()
     time.sleep(6)
@@ -379,19 +380,26 @@ async def main() -> None:
                         help="where the scratch inbox and outbox go (default: the temp dir)")
     args = parser.parse_args()
     warm_bytecode()
-    for name in BENCHES if args.name == "all" else [args.name]:
-        quiet_disk()
-        sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.1, seed=1))
-        await sim.start()
-        root = Path(tempfile.mkdtemp(prefix=f"reeldrop-bench-{name}-", dir=args.dir))
-        try:
-            figures = await BENCHES[name](root, sim, args.quick)
-        finally:
-            await sim.stop()
+    roots: list[Path] = []
+    try:
+        for name in BENCHES if args.name == "all" else [args.name]:
+            quiet_disk()
+            roots.append(Path(tempfile.mkdtemp(prefix=f"reeldrop-bench-{name}-", dir=args.dir)))
+            await run_one(name, roots[-1], args.quick)
+    finally:
+        for root in roots:  # at the end: deleting thousands of files slows the next creations
             shutil.rmtree(root, ignore_errors=True)
-        print(json.dumps({"benchmark": name, "quick": args.quick, **figures,
-                          "machine": machine(root.parent)}), flush=True)
 
+
+async def run_one(name: str, root: Path, quick: bool) -> None:
+    sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.1, seed=1))
+    await sim.start()
+    try:
+        figures = await BENCHES[name](root, sim, quick)
+    finally:
+        await sim.stop()
+    print(json.dumps({"benchmark": name, "quick": quick, **figures,
+                      "machine": machine(root.parent)}), flush=True)
 
 if __name__ == "__main__":
     asyncio.run(main())

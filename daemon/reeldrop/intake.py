@@ -41,11 +41,13 @@ def read_job_file(path: Path, max_bytes: int) -> bytes:
             raise InvalidJob(f"{path.name} is {st.st_size} bytes; job files may be at most "
                              f"{max_bytes} bytes (max_job_bytes).")
         chunks, size = [], 0
-        while chunk := os.read(fd, min(max_bytes + 1 - size, st.st_size + 1 - size) or 1):
-            chunks.append(chunk)  # sized to the file: no megabyte buffer for a small prompt
+        while True:  # reads sized to the file: no megabyte buffer for a small prompt
+            want = max(1, min(max_bytes + 1, st.st_size + 1) - size)
+            chunk = os.read(fd, want)
+            chunks.append(chunk)
             size += len(chunk)
-            if size > max_bytes:
-                break
+            if len(chunk) < want or size > max_bytes:
+                break  # a short read of a regular file is its end
         data = b"".join(chunks)
         if len(data) > max_bytes:
             raise InvalidJob(f"{path.name} grew past {max_bytes} bytes (max_job_bytes).")
