@@ -7,6 +7,7 @@ import random
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from reeldrop.scheduler import FirstLook, kind_of
@@ -83,6 +84,40 @@ async def test_operations_already_running_skip_ahead_once_their_kind_is_learned(
     assert polls["the first [latency=2]"] >= 20, polls
     assert polls["the second [latency=2]"] <= 14, polls
     assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
+
+
+async def test_what_was_learned_survives_a_restart(tmp_path: Path, sim: Simulator) -> None:
+    """The first 1-second job of a run is polled about 20 times; the daemon saves what it
+    learned at shutdown, and after a restart the next job of the kind needs a few looks."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.05, poll_min_s=0.05,
+                         poll_fraction=0.05, poll_jitter=0.1)
+    async with running(config):
+        drop(tmp_path / "inbox", "before.prompt", "before the restart")
+        await until(finished(tmp_path / "outbox", 1))
+    assert (config.spool / "first-looks.json").is_file()
+    async with running(config):
+        drop(tmp_path / "inbox", "after.prompt", "after the restart")
+        await until(finished(tmp_path / "outbox", 2))
+    polls = {op.prompt: op.polls for op in sim.ops.values()}
+    assert polls["before the restart"] >= 10, polls
+    assert polls["after the restart"] <= 6, polls
+
+
+async def test_an_unreadable_learned_file_is_ignored_and_replaced(
+        tmp_path: Path, sim: Simulator) -> None:
+    """What was learned is only a cache: a damaged file means polling as on a cold start
+    (the daemon still starts and finishes the job), and it is written anew at shutdown."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.05, poll_min_s=0.05,
+                         poll_fraction=0.05, poll_jitter=0.1)
+    config.spool.mkdir(parents=True)
+    learned = config.spool / "first-looks.json"
+    learned.write_bytes(b'[{"model": "veo", "bounds": [1.0, ')
+    async with running(config):
+        drop(tmp_path / "inbox", "cold.prompt", "a cold start")
+        await until(finished(tmp_path / "outbox", 1))
+    [cold] = sim.ops.values()
+    assert cold.polls >= 10
+    assert msgspec.json.decode(learned.read_bytes())[0]["bounds"]
 
 
 async def test_a_quiet_inbox_is_still_watched(tmp_path: Path, sim: Simulator) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 
 from . import log, watcher
 from .config import Config
@@ -30,13 +31,15 @@ from .scheduler import SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 from .veo import VeoClient
-from .writer import PARTIAL_DIR
+from .writer import PARTIAL_DIR, atomic_write
 
 T = TypeVar("T")
 
 INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
 INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
 BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
+LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each kind finish
+LEARNED_SAVE_S = 60.0  # how often what was learned is saved (and at shutdown)
 
 
 class Daemon:
@@ -69,6 +72,7 @@ class Daemon:
                 client = VeoClient(session, self.config)
                 gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
                 self.runner = Runner(self.config, client, self.spool, gate, self.settled)
+                await asyncio.to_thread(self.load_learned)
                 async with asyncio.TaskGroup() as tg:
                     workers = [tg.create_task(self.worker())
                                for _ in range(self.config.concurrency)]
@@ -77,6 +81,7 @@ class Daemon:
                     helpers.append(tg.create_task(self.intake_loop()))
                     await self.main_loop(recovered)
                     await self.shutdown(workers, helpers)
+                await self.save_learned()
         finally:
             self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
             self.notifier.close()
@@ -233,11 +238,36 @@ class Daemon:
 
     async def heartbeat(self) -> None:
         interval = min(self.notifier.watchdog_s or 2.0, 2.0)
+        saved = time.monotonic()
         while True:
             if self.notifier.watchdog_s is not None:
                 self.notifier.send("WATCHDOG=1")
             self.notifier.status(self.summary())
+            if time.monotonic() - saved >= LEARNED_SAVE_S:
+                saved = time.monotonic()
+                await self.save_learned()
             await asyncio.sleep(interval)
+
+    def load_learned(self) -> None:
+        """Start from what an earlier run learned about generation times, if it left any."""
+        path = self.spool.root / LEARNED_FILE
+        try:
+            self.runner.generation.first_look.load(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError) as e:  # only a cache: start afresh
+            log.get().warning("pacing.learned_unreadable", path=str(path), error=str(e))
+
+    async def save_learned(self) -> None:
+        first_look = self.runner.generation.first_look
+        if not first_look.changed:
+            return
+        data = first_look.dump()  # here, in the loop that updates it
+        try:  # not fsynced: losing it costs a few extra polls, nothing else
+            await asyncio.to_thread(atomic_write, self.spool.root / LEARNED_FILE, data,
+                                    self.config.file_mode, durable=False)
+        except OSError as e:
+            log.get().warning("pacing.learned_not_saved", error=e.strerror)
 
     def summary(self) -> str:
         c = self.counts

@@ -25,7 +25,9 @@ import collections
 import random
 import time
 from collections.abc import Hashable
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from . import log
 from .config import Config
@@ -105,6 +107,20 @@ class FirstLook:
 
     def __init__(self) -> None:
         self._bounds: dict[Hashable, collections.deque[float]] = {}
+        self.changed = False  # since the last dump()
+
+    def dump(self) -> bytes:
+        """What was learned, as JSON (the daemon keeps it across restarts)."""
+        self.changed = False
+        return msgspec.json.encode([
+            _Learned(model=k[0], resolution=k[1], duration_seconds=k[2], bounds=list(b))
+            for k, b in self._bounds.items() if isinstance(k, tuple) and len(k) == 3])
+
+    def load(self, data: bytes) -> None:
+        """Take up what an earlier ``dump()`` saved (``msgspec.DecodeError`` if unreadable)."""
+        for item in _decode_learned(data):
+            kind = (item.model, item.resolution, item.duration_seconds)
+            self._bounds[kind] = collections.deque(item.bounds, maxlen=self.WINDOW)
 
     def wait_s(self, kind: Hashable, config: Config, rng: random.Random | None = None) -> float:
         """Age at which to take the first look at an operation of ``kind``."""
@@ -121,3 +137,17 @@ class FirstLook:
     def finished(self, kind: Hashable, running_at_s: float) -> None:
         """An operation of ``kind`` was done; it was still running at age ``running_at_s``."""
         self._bounds.setdefault(kind, collections.deque(maxlen=self.WINDOW)).append(running_at_s)
+        self.changed = True
+
+
+class _Learned(msgspec.Struct, frozen=True, kw_only=True):
+    """One kind's bounds in the saved file (unknown fields are ignored: a later version may
+    add some)."""
+
+    model: str
+    resolution: str | None = None
+    duration_seconds: int | None = None
+    bounds: list[Annotated[float, msgspec.Meta(ge=0)]] = []
+
+
+_decode_learned = msgspec.json.Decoder(list[_Learned]).decode
