@@ -126,13 +126,6 @@ def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
     return digest, size
 
 
-def _check_signature(path: Path) -> None:
-    with path.open("rb") as f:
-        head = f.read(12)
-    if len(head) < 12 or head[4:8] != b"ftyp":
-        raise DownloadError("The downloaded file is not an MP4 video (no ftyp box at its start).")
-
-
 async def download_video(
     client: VeoClient, uri: str, partial: Path, final: Path, mode: int, *,
     progress: Progress | None = None,
@@ -150,25 +143,35 @@ async def download_video(
         resp.release()
     if expected is not None and size != expected:
         raise DownloadError(f"The download ended at {size} of {expected} bytes.")
+    await asyncio.to_thread(_publish, partial, final, mode)
+    return VideoFile(file=final.name, bytes=size, sha256=digest.hexdigest())
+
+
+def _publish(partial: Path, final: Path, mode: int) -> None:
+    """Check, flush and rename a complete download into place (blocking: one thread hop for
+    the whole step, and no fsync on the event loop)."""
     try:
-        _check_signature(partial)
-    except DownloadError:
-        _discard(partial)
-        raise
-    try:
-        os.chmod(partial, mode)
+        fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.pread(fd, 12, 0)[4:8] != b"ftyp":
+                _discard(partial)
+                raise DownloadError(
+                    "The downloaded file is not an MP4 video (no ftyp box at its start).")
+            os.fsync(fd)  # the bytes are on disk before the name is
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         os.replace(partial, final)
         fsync_dir(final.parent)
     except OSError as e:
         raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
-    return VideoFile(file=final.name, bytes=size, sha256=digest.hexdigest())
 
 
 async def _receive(
     resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int,
     progress: Progress | None,
 ) -> tuple[int, int | None, hashlib._Hash]:
-    """Stream the body into ``partial`` (appending if the server honoured our Range), fsync.
+    """Stream the body into ``partial`` (appending if the server honoured our Range).
 
     Returns (bytes on disk, bytes expected or None, sha256 of the whole file so far).
     """
@@ -196,7 +199,6 @@ async def _receive(
             size += len(chunk)
             if progress is not None:
                 progress(size, expected)
-        await asyncio.to_thread(os.fsync, fd)
     except (aiohttp.ClientError, TimeoutError) as e:
         raise DownloadError(
             f"The download broke off after {size} bytes ({type(e).__name__})."
