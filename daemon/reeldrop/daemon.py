@@ -165,17 +165,24 @@ class Daemon:
             log.get().info("job.archived", job_id=run.job_id, to=archived.parent.name)
 
     async def worker(self) -> None:
+        """One slot: a job at a time. It takes the next job while the last one's final write
+        lands, but never leaves more than that one behind (awaited shielded: it completes)."""
+        writing: asyncio.Future[None] | None = None
         while True:
             run, index = await self.queue.get()
             if self.queue.qsize() < self.config.queue_max // 2:
                 self.wake.set()  # intake may have paused at queue_max
             self.counts["busy"] += 1
             try:
-                await self.runner.run(run, index)
+                final_write = await self.runner.run(run, index)
             except Exception:  # noqa: BLE001 - one job's trouble must not stop the worker
                 log.get().exception("worker.job_error", job_id=run.job_id, index=index)
+                continue
             finally:
                 self.counts["busy"] -= 1
+            if writing is not None:
+                await asyncio.shield(writing)
+            writing = final_write
 
     async def intake_loop(self) -> None:
         while True:

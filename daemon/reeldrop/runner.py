@@ -57,12 +57,17 @@ class Runner:
         finally:
             self.critical.discard(task)
 
-    async def run(self, run: JobRun, index: int) -> Sidecar:
-        """Drive one member to a terminal state and return it. Cancellation keeps it resumable."""
+    async def run(self, run: JobRun, index: int) -> asyncio.Future[None]:
+        """Drive one member to a terminal state; return its final write, still under way.
+
+        The final write (record, sidecar, archive) is a blocking step in a thread that,
+        once started, completes even if everything else is cancelled; the caller may take the
+        next job meanwhile. Cancellation before it keeps the member resumable.
+        """
         with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
             return await self._run(run, index)
 
-    async def _run(self, run: JobRun, index: int) -> Sidecar:
+    async def _run(self, run: JobRun, index: int) -> asyncio.Future[None]:
         member = run.members[index - 1]
         logger = log.get()
         started = time.monotonic()
@@ -84,19 +89,24 @@ class Runner:
         except Exception as e:  # a bug must fail this job, not the daemon
             logger.exception("job.internal_error")
             member = run.members[index - 1].moved("failed", error=describe(e))
-        # One blocking step, shielded: the final record, then whatever follows a finished
-        # member (archiving the job). Once started it completes, even during shutdown.
         settling = asyncio.ensure_future(asyncio.to_thread(self._settle, run, member))
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
-        await asyncio.shield(settling)
-        logger.info(
+        settling.add_done_callback(lambda done: self._finished(done, member, started))
+        return settling
+
+    @staticmethod
+    def _finished(settling: asyncio.Future[None], member: Sidecar, started: float) -> None:
+        """The job's summary line, once its final write landed (in the job's log context)."""
+        error = None if settling.cancelled() else settling.exception()
+        if error is not None:  # _settle handles OutputError; anything else is a bug
+            log.get().error("job.final_write_error", error=describe(error).message)
+        log.get().info(
             "job.finished", state=member.state, attempts=member.attempts,
             seconds=round(time.monotonic() - started, 3),
             bytes=sum(v.bytes for v in member.videos), operation=member.operation,
             error=member.error.message if member.error else None,
         )
-        return member
 
     def _settle(self, run: JobRun, member: Sidecar) -> None:
         archived = None
