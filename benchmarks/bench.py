@@ -231,7 +231,7 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
 
 async def bench_lag(root: Path, sim: Simulator, quick: bool) -> dict[str, Any]:
     gens = [15.0, 60.0] if quick else [15.0, 60.0, 180.0]
-    per = 3
+    per = 10  # the median of a uniform lag needs more than a few samples to mean much
     sim.config = msgspec.structs.replace(sim.config, latency_jitter_s=0.0)
     daemon = DaemonProcess(root, sim.base_url, concurrency=per * len(gens),
                            submissions_per_minute=1_000_000, submit_burst=1000)
