@@ -170,6 +170,22 @@ def test_a_torn_record_line_is_cut_and_the_last_whole_state_counts(tmp_path: Pat
     assert [m.state for m in spool.recover()[0].members] == ["failed"]
 
 
+def test_a_job_file_named_like_a_record_is_still_the_job(tmp_path: Path) -> None:
+    """A job file called ``member-notes.prompt`` is the job's own file, not a state record:
+    after a restart the job is found with its state, not set aside as an orphan."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+    inbox, outbox = config.require_dirs()
+    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+    spool.prepare()
+    run = spool.claim(drop(inbox, "member-notes.prompt", "a prompt"))
+    assert run is not None
+    [member] = Intake(config, spool).accept(run)
+    spool.record(run, member.moved("submitting", attempts=1))
+    [recovered] = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode).recover()
+    assert recovered.source == "member-notes.prompt"
+    assert [m.state for m in recovered.members] == ["submitting"]
+
+
 def test_a_record_from_an_earlier_version_is_still_read(tmp_path: Path) -> None:
     """Jobs in flight across an upgrade are not lost: a one-document ``member-NNNN.json``
     record is read, and once the member records again its ``.jsonl`` record wins."""

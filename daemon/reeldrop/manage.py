@@ -20,7 +20,7 @@ import msgspec
 from . import jobs, sidecar
 from .errors import InvalidJob
 from .sidecar import BATCH_SUFFIX, Sidecar
-from .spool import MEMBER_PREFIX, read_members
+from .spool import is_record, read_members
 from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")
@@ -98,7 +98,7 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool) -> li
     wanted = set(names)
     for directory in sorted(failed_area.iterdir()) if failed_area.is_dir() else []:
         sources = [p for p in directory.iterdir()
-                   if p.is_file() and not p.name.startswith((MEMBER_PREFIX, "."))]
+                   if p.is_file() and not is_record(p.name) and not p.name.startswith(".")]
         if not sources:
             continue
         source = sources[0]

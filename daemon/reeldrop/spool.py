@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import threading
 import time
@@ -32,7 +33,14 @@ from .sidecar import Sidecar
 from .writer import fsync_dir, syncfs
 
 MEMBER_PREFIX = "member-"
-RECORD_SUFFIX = ".jsonl"  # earlier versions wrote one-document ``.json`` records; both read
+RECORD_SUFFIX = ".jsonl"
+# Earlier versions wrote one-document ``.json`` records; both are read. A job file of the
+# user's is never taken for a record unless it is named exactly like one.
+_RECORD_NAME = re.compile(r"member-\d{4}\.jsonl?")
+
+
+def is_record(name: str) -> bool:
+    return _RECORD_NAME.fullmatch(name) is not None
 
 
 def new_job_id() -> str:
@@ -226,7 +234,7 @@ class Spool:
         for directory in sorted(p for p in self.jobs.iterdir() if p.is_dir()):
             _remove_temp_files(directory)
             files = [p for p in directory.iterdir() if p.is_file() or p.is_symlink()]
-            sources = [p for p in files if not p.name.startswith(MEMBER_PREFIX)]
+            sources = [p for p in files if not is_record(p.name)]
             members = read_members(directory, repair=True)
             if not files:
                 log.get().info("spool.removed_empty_claim", job_id=directory.name)
@@ -250,7 +258,7 @@ def read_members(directory: Path, *, repair: bool = False) -> list[Sidecar]:
     """
     latest: dict[str, Path] = {}
     for path in sorted(directory.glob(f"{MEMBER_PREFIX}*")):
-        if path.suffix in (".json", RECORD_SUFFIX) and path.is_file():
+        if is_record(path.name) and path.is_file():
             latest[path.name.removesuffix(path.suffix)] = path  # .jsonl sorts after .json
     members = []
     for _, path in sorted(latest.items()):
