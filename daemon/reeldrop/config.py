@@ -103,7 +103,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     poll_initial_s: NonNegative = 8.0
     poll_min_s: Positive = 1.0
     poll_max_s: Positive = 20.0
-    poll_fraction: Annotated[float, Meta(gt=0, le=1)] = 0.08
+    poll_fraction: Annotated[float, Meta(gt=0, le=1)] = 0.06
     poll_jitter: Annotated[float, Meta(ge=0, lt=1)] = 0.1
     poll_deadline_s: Positive = 1200.0
     # Retries: tries per phase, and the exponential backoff between them

@@ -95,8 +95,7 @@ class FirstLook:
     Each finished operation leaves a lower bound of its generation time: its age at the last
     look that found it still running (0 if the first look found it done already). The first
     look at a new operation comes at the ``QUANTILE`` of the last ``WINDOW`` bounds of its
-    kind, less up to one poll interval to spread the looks, and never before
-    ``poll_initial_s``. When jobs of one kind take about ``T``, each then costs two or three
+    kind (never before ``poll_initial_s``), less up to one poll interval to spread the looks. When jobs of one kind take about ``T``, each then costs two or three
     polls instead of dozens. A job faster than most recent ones is noticed late, by at most
     the learned wait, and leaves a bound of 0 that pulls the next first looks earlier: the
     learned wait settles where about ``QUANTILE`` of the jobs finish before it.
@@ -124,15 +123,15 @@ class FirstLook:
 
     def wait_s(self, kind: Hashable, config: Config, rng: random.Random | None = None) -> float:
         """Age at which to take the first look at an operation of ``kind``."""
+        target = config.poll_initial_s
         bounds = self._bounds.get(kind)
-        learned = 0.0
         if bounds:
             ordered = sorted(bounds)
-            learned = ordered[int(self.QUANTILE * (len(ordered) - 1))]
-            # Spread over up to one poll interval: enough to break lockstep, and a look
-            # before the usual time costs at most one extra poll.
-            learned -= (rng or random).uniform(0, poll_delay(learned, config, rng))
-        return max(config.poll_initial_s, learned)
+            target = max(target, ordered[int(self.QUANTILE * (len(ordered) - 1))])
+        # Up to one poll interval earlier, at random: looks do not bunch up, a look before
+        # the usual time costs at most one extra poll, and the lag after an operation
+        # finishes does not hang on where its time falls on one fixed grid of looks.
+        return max(0.0, target - (rng or random).uniform(0, poll_delay(target, config, rng)))
 
     def finished(self, kind: Hashable, running_at_s: float) -> None:
         """An operation of ``kind`` was done; it was still running at age ``running_at_s``."""
