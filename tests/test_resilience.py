@@ -13,10 +13,12 @@ import aiohttp
 import msgspec
 import pytest
 
+from reeldrop.config import Config
 from reeldrop.daemon import Daemon
 from reeldrop.intake import Intake
+from reeldrop.sidecar import Sidecar
 from reeldrop.simulator import SimConfig, Simulator
-from reeldrop.spool import Spool
+from reeldrop.spool import JobRun, Spool
 
 from .support import (
     TEST_KEY,
@@ -146,23 +148,34 @@ def test_a_job_claimed_but_never_tried_is_accepted_again_under_its_own_name(
     assert sorted(p.name for p in spool.outbox.iterdir()) == ["one.json"]
 
 
+def claimed_job(tmp_path: Path, name: str) -> tuple[Config, Spool, JobRun, Sidecar]:
+    """A fresh spool with one job file claimed and accepted: (config, spool, run, member)."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+    spool = restarted_spool(config)
+    spool.prepare()
+    run = spool.claim(drop(spool.inbox, name, "a prompt"))
+    assert run is not None
+    [member] = Intake(config, spool).accept(run)
+    return config, spool, run, member
+
+
+def restarted_spool(config: Config) -> Spool:
+    """The spool as a new process sees it."""
+    inbox, outbox = config.require_dirs()
+    return Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+
+
 def test_a_torn_record_line_is_cut_and_the_last_whole_state_counts(tmp_path: Path) -> None:
     """A member's record is appended to; a crash in the middle of an append leaves a torn
     last line. Recovery cuts it off (so the next append starts a clean line) and resumes from
     the last whole state, keeping the operation name: the job is polled, not paid again."""
-    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
-    inbox, outbox = config.require_dirs()
-    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
-    spool.prepare()
-    run = spool.claim(drop(inbox, "one.prompt", "a prompt"))
-    assert run is not None
-    [member] = Intake(config, spool).accept(run)
+    config, spool, run, member = claimed_job(tmp_path, "one.prompt")
     spool.record(run, member.moved("submitting", attempts=1), durable=False)
     spool.record(run, run.members[0].moved("generating", operation="models/m/operations/x"))
     record = run.directory / "member-0001.jsonl"
     with record.open("ab") as f:
         f.write(b'{"job_id": "' + run.job_id.encode() + b'", "output": "one", "sta')
-    runs = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode).recover()
+    runs = restarted_spool(config).recover()
     [recovered] = runs[0].members
     assert (recovered.state, recovered.operation) == ("generating", "models/m/operations/x")
     assert record.read_bytes().endswith(b"}\n") and record.read_bytes().count(b"\n") == 2
@@ -173,15 +186,9 @@ def test_a_torn_record_line_is_cut_and_the_last_whole_state_counts(tmp_path: Pat
 def test_a_job_file_named_like_a_record_is_still_the_job(tmp_path: Path) -> None:
     """A job file called ``member-notes.prompt`` is the job's own file, not a state record:
     after a restart the job is found with its state, not set aside as an orphan."""
-    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
-    inbox, outbox = config.require_dirs()
-    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
-    spool.prepare()
-    run = spool.claim(drop(inbox, "member-notes.prompt", "a prompt"))
-    assert run is not None
-    [member] = Intake(config, spool).accept(run)
+    config, spool, run, member = claimed_job(tmp_path, "member-notes.prompt")
     spool.record(run, member.moved("submitting", attempts=1))
-    [recovered] = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode).recover()
+    [recovered] = restarted_spool(config).recover()
     assert recovered.source == "member-notes.prompt"
     assert [m.state for m in recovered.members] == ["submitting"]
 
@@ -189,13 +196,7 @@ def test_a_job_file_named_like_a_record_is_still_the_job(tmp_path: Path) -> None
 def test_a_record_from_an_earlier_version_is_still_read(tmp_path: Path) -> None:
     """Jobs in flight across an upgrade are not lost: a one-document ``member-NNNN.json``
     record is read, and once the member records again its ``.jsonl`` record wins."""
-    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
-    inbox, outbox = config.require_dirs()
-    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
-    spool.prepare()
-    run = spool.claim(drop(inbox, "old.prompt", "a prompt"))
-    assert run is not None
-    [member] = Intake(config, spool).accept(run)
+    _, spool, run, member = claimed_job(tmp_path, "old.prompt")
     older = member.moved("generating", operation="models/m/operations/old")
     (run.directory / "member-0001.json").write_bytes(msgspec.json.encode(older) + b"\n")
     [found] = spool.recover()[0].members

@@ -95,8 +95,9 @@ class FirstLook:
     Each finished operation leaves a lower bound of its generation time: its age at the last
     look that found it still running (0 if the first look found it done already). The first
     look at a new operation comes at the ``QUANTILE`` of the last ``WINDOW`` bounds of its
-    kind (never before ``poll_initial_s``), less up to one poll interval to spread the looks. When jobs of one kind take about ``T``, each then costs two or three
-    polls instead of dozens. A job faster than most recent ones is noticed late, by at most
+    kind (never before ``poll_initial_s``), less up to one poll interval to spread the
+    looks. When jobs of one kind take about ``T``, each then costs two or three polls
+    instead of dozens. A job faster than most recent ones is noticed late, by at most
     the learned wait, and leaves a bound of 0 that pulls the next first looks earlier: the
     learned wait settles where about ``QUANTILE`` of the jobs finish before it.
     """

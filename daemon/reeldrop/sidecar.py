@@ -88,31 +88,31 @@ def path_for(outbox: Path, output: str) -> str:
     return os.path.join(outbox, f"{output}.json")
 
 
-def read(path: str | Path, max_bytes: int = 1 << 20) -> Sidecar | None:
-    """The sidecar at ``path``, or None if it is missing, a link, or not ours to read."""
+def _read_bytes(path: str | Path, max_bytes: int) -> bytes | None:
+    """The file's first ``max_bytes``, or None if it is missing, a link, or not ours to read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         with os.fdopen(fd, "rb") as f:
-            return decode_sidecar(f.read(max_bytes))
-    except (OSError, msgspec.DecodeError):
+            return f.read(max_bytes)
+    except OSError:
+        return None
+
+
+def read(path: str | Path, max_bytes: int = 1 << 20) -> Sidecar | None:
+    """The sidecar at ``path``, or None if it is missing, a link, or not a sidecar."""
+    data = _read_bytes(path, max_bytes)
+    try:
+        return None if data is None else decode_sidecar(data)
+    except msgspec.DecodeError:
         return None
 
 
 def read_last(path: Path, max_bytes: int = 1 << 22) -> Sidecar | None:
     """The last complete, valid document of a record of one JSON document per line."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            lines = f.read(max_bytes).splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
+    for line in reversed((_read_bytes(path, max_bytes) or b"").splitlines()):
         try:
             return decode_sidecar(line)
         except msgspec.DecodeError:
