@@ -87,7 +87,7 @@ async def test_operations_already_running_skip_ahead_once_their_kind_is_learned(
         drop(tmp_path / "inbox", "second.prompt", "the second [latency=2]")
         await until(finished(tmp_path / "outbox", 2))
     polls = {op.prompt: op.polls for op in sim.ops.values()}
-    assert polls["the first [latency=2]"] >= 20, polls
+    assert polls["the first [latency=2]"] >= 15, polls  # about 30; fewer on a busy machine
     assert polls["the second [latency=2]"] <= 14, polls
     assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
 
