@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -146,6 +147,29 @@ async def test_a_name_with_a_video_is_never_overwritten(tmp_path: Path, sim: Sim
     assert docs["cat.2"].prompt == "a cat again"
     assert docs["cat.2"].videos[0].file == "cat.2.mp4"
     assert (outbox / "cat.mp4").read_bytes() == first
+
+
+async def test_several_videos_of_one_job_are_numbered_and_keep_their_name(
+        tmp_path: Path, sim: Simulator) -> None:
+    """An operation that returns two videos gives NAME-1.mp4 and NAME-2.mp4, both listed
+    (with sizes and hashes) in the one sidecar; the name stays taken, so a second job with
+    the same name gets NAME.2 instead of overwriting them."""
+    config = make_config(tmp_path, sim.base_url)
+    outbox = tmp_path / "outbox"
+    async with running(config):
+        drop(tmp_path / "inbox", "takes.prompt", "two takes [samples=2]")
+        await until(finished(outbox, 1))
+        drop(tmp_path / "inbox", "takes.prompt", "one more take")
+        await until(finished(outbox, 2))
+    docs = sidecars(outbox)
+    assert docs["takes"].state == "succeeded", docs["takes"].error
+    assert [v.file for v in docs["takes"].videos] == ["takes-1.mp4", "takes-2.mp4"]
+    for video in docs["takes"].videos:
+        data = (outbox / video.file).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (video.bytes, video.sha256)
+        assert playable_frames(outbox / video.file) > 0
+    assert [v.file for v in docs["takes.2"].videos] == ["takes.2.mp4"]
+    assert not (outbox / "takes.mp4").exists()
 
 
 async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ the public host, downloads behind a same-origin redirect, the ``x-goog-api-key``
 Faults are seeded and injected at a configurable rate (429 with RetryInfo and Retry-After,
 503, connection resets, truncated downloads), by a requests-per-minute limit, or on demand by
 a marker in the prompt: ``[fail]`` (the operation fails), ``[filtered]`` (the safety filter
-blocks it), ``[slow]`` (ten times the latency), ``[latency=N]`` (N seconds). It counts
+blocks it), ``[slow]`` (ten times the latency), ``[latency=N]`` (N seconds), ``[samples=N]``
+(N videos, 1-4, where the service would return one per requested sample). It counts
 everything it does (``stats``).
 """
 
@@ -34,6 +35,7 @@ from aiohttp import web
 
 PUBLIC_HOST = "https://generativelanguage.googleapis.com"
 _LATENCY_MARK = re.compile(r"\[latency=(\d+(?:\.\d+)?)\]")
+_SAMPLES_MARK = re.compile(r"\[samples=([1-4])\]")
 PAD_CHUNK = 1 << 20
 
 
@@ -64,7 +66,7 @@ class _Op(msgspec.Struct):
     prompt: str
     ready_at: float
     outcome: str  # "ok" | "fail" | "filtered"
-    file_id: str
+    file_ids: list[str]  # one video per sample
     done_at: float | None = None  # wall time the operation finished (set on first done poll)
     polls: int = 0
 
@@ -194,11 +196,15 @@ class Simulator:
         outcome = ("fail" if "[fail]" in prompt or self.rng.random() < self.config.rate_fail
                    else "filtered" if "[filtered]" in prompt
                    or self.rng.random() < self.config.rate_filtered else "ok")
-        file_id = "".join(self.rng.choices(string.ascii_lowercase + string.digits, k=12))
+        samples = _SAMPLES_MARK.search(prompt)
+        file_ids = ["".join(self.rng.choices(string.ascii_lowercase + string.digits, k=12))
+                    for _ in range(int(samples[1]) if samples else 1)]
         self.ops[name] = _Op(name=name, prompt=prompt, ready_at=now + latency, outcome=outcome,
-                             file_id=file_id)
+                             file_ids=file_ids)
         base = _asset(str(params.get("aspectRatio", "16:9")))
-        self.files[file_id] = (base, max(len(base), self.config.video_bytes or 0), time.time())
+        for file_id in file_ids:
+            self.files[file_id] = (base, max(len(base), self.config.video_bytes or 0),
+                                   time.time())
         self.submissions[prompt] += 1
         self.stats["submissions"] += 1
         self.events.append((time.time(), "create", prompt))
@@ -229,8 +235,9 @@ class Simulator:
                 "We encountered an issue with the audio for your prompt, which means we could "
                 "not create your video. You have not been charged for this attempt."]}
         else:
-            uri = f"{PUBLIC_HOST}/v1beta/files/{op.file_id}:download?alt=media"
-            result = {"generatedSamples": [{"video": {"uri": uri}}]}
+            result = {"generatedSamples": [
+                {"video": {"uri": f"{PUBLIC_HOST}/v1beta/files/{file_id}:download?alt=media"}}
+                for file_id in op.file_ids]}
         return web.json_response({"name": name, "done": True,
                                   "response": {"@type": kind, "generateVideoResponse": result}})
 
