@@ -30,13 +30,13 @@ from pathlib import Path
 from . import log, sidecar
 from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
-from .writer import fsync_dir, syncfs
+from .writer import fsync_dir, syncfs, write_all
 
 MEMBER_PREFIX = "member-"
 RECORD_SUFFIX = ".jsonl"
 # Earlier versions wrote one-document ``.json`` records; both are read. A job file of the
 # user's is never taken for a record unless it is named exactly like one.
-_RECORD_NAME = re.compile(r"member-\d{4}\.jsonl?")
+_RECORD_NAME = re.compile(rf"{MEMBER_PREFIX}\d{{4}}\.jsonl?")
 
 
 def is_record(name: str) -> bool:
@@ -141,9 +141,7 @@ class Spool:
         try:
             start = os.lseek(fd, 0, os.SEEK_END)
             try:
-                view = memoryview(sidecar.encode(member))
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, sidecar.encode(member))
                 if durable:
                     os.fdatasync(fd)
             except OSError:

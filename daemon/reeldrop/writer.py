@@ -40,6 +40,13 @@ class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (``os.write`` may take fewer than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -96,9 +103,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
         try:
             if mode & _umask():
                 os.fchmod(fd, mode)  # the umask must not decide what consumers can read
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -193,9 +198,7 @@ async def _receive(
     try:
         async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
             digest.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, chunk)
             size += len(chunk)
             if progress is not None:
                 progress(size, expected)
