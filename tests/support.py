@@ -66,6 +66,12 @@ def sidecars(outbox: Path) -> dict[str, Sidecar]:
     return found
 
 
+def kept(area: Path) -> dict[str, Path]:
+    """The job files kept in a spool area (``done/`` or ``failed/``), by their original name."""
+    return {p.name.partition(".")[2]: p for p in area.glob("*.*")
+            if p.name.endswith((".prompt", ".json"))}
+
+
 def finished(outbox: Path, count: int) -> Callable[[], bool]:
     return lambda: sum(sc.done for sc in sidecars(outbox).values()) >= count
 

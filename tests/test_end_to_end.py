@@ -17,6 +17,7 @@ from .support import (
     batch_through,
     drop,
     finished,
+    kept,
     make_config,
     playable_frames,
     running,
@@ -49,8 +50,9 @@ async def test_every_example_job_becomes_a_playable_video(tmp_path: Path, sim: S
     batch = msgspec.json.decode((outbox / "storyboard.batch.json").read_bytes())
     assert (batch["total"], batch["succeeded"], batch["failed"]) == (3, 3, 0)
     assert not [p for p in inbox.iterdir() if not p.name.startswith(".")], "inbox not emptied"
-    kept = list((inbox / ".reeldrop" / "done").glob("*/lighthouse.prompt"))
-    assert kept and kept[0].read_bytes() == (examples_dir() / "lighthouse.prompt").read_bytes()
+    done = kept(inbox / ".reeldrop" / "done")
+    assert done["lighthouse.prompt"].read_bytes() == (
+        examples_dir() / "lighthouse.prompt").read_bytes()
     assert not list((outbox / ".partial").iterdir())
     assert sim.stats["submissions"] == 7
 
@@ -81,7 +83,7 @@ async def test_failed_and_filtered_operations_fail_with_the_reason(
     assert "audio" in docs["blocked"].error.message
     assert docs["good"].state == "succeeded"
     failed_area = tmp_path / "inbox" / ".reeldrop" / "failed"
-    assert {p.name for p in failed_area.glob("*/*.prompt")} == {"broken.prompt", "blocked.prompt"}
+    assert set(kept(failed_area)) == {"broken.prompt", "blocked.prompt"}
 
 
 async def test_429_is_retried_after_the_services_delay(tmp_path: Path) -> None:
@@ -126,8 +128,8 @@ async def test_a_bad_file_fails_clearly_and_the_next_good_one_still_runs(
     assert docs["bad"].error is not None
     assert docs["bad"].error.type == "InvalidJob"
     assert "unknown field `colour`" in docs["bad"].error.message
-    kept = list((tmp_path / "inbox" / ".reeldrop" / "failed").glob("*/bad.json"))
-    assert kept[0].read_bytes() == b'{"prompt": "x", "colour": 1}'
+    failed = kept(tmp_path / "inbox" / ".reeldrop" / "failed")
+    assert failed["bad.json"].read_bytes() == b'{"prompt": "x", "colour": 1}'
     assert docs["good"].state == "succeeded"
     assert sim.stats["submissions"] == 1
 

@@ -11,7 +11,7 @@ import pytest
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.watcher import InboxScanner
 
-from .support import drop, finished, make_config, running, sidecars, until
+from .support import drop, finished, kept, make_config, running, sidecars, until
 
 
 def test_a_file_still_being_written_in_place_is_not_taken(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ async def test_two_daemons_sharing_an_inbox_take_each_file_once(
     docs = sidecars(tmp_path / "outbox")
     assert len(docs) == 100 and {d.state for d in docs.values()} == {"succeeded"}
     assert sorted(sim.submissions.values()) == [1] * 100
-    one = {p.parent.name for p in (tmp_path / "inbox" / ".reeldrop" / "done").glob("*/*.prompt")}
-    two = {p.parent.name for p in (tmp_path / "inbox" / ".second" / "done").glob("*/*.prompt")}
+    one = set(kept(tmp_path / "inbox" / ".reeldrop" / "done"))
+    two = set(kept(tmp_path / "inbox" / ".second" / "done"))
     assert len(one) + len(two) == 100
     assert one and two, "one daemon took everything; the test proved nothing"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import resource
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from reeldrop.config import Config
 from reeldrop.daemon import Daemon
 from reeldrop.intake import Intake
+from reeldrop.manage import retry
 from reeldrop.sidecar import Sidecar
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.spool import JobRun, Spool
@@ -27,6 +29,7 @@ from .support import (
     drop,
     finish_in_new_daemon,
     finished,
+    kept,
     make_config,
     playable_frames,
     running,
@@ -84,8 +87,7 @@ async def test_every_bad_input_fails_clearly_and_is_kept(tmp_path: Path, sim: Si
         assert doc.state == "failed", name
         assert doc.error is not None and doc.error.type == "InvalidJob"
         assert needle in doc.error.message, (name, doc.error.message)
-        [kept] = failed_area.glob(f"*/{name}")
-        assert kept.read_bytes() == data
+        assert kept(failed_area)[name].read_bytes() == data
     assert docs["good"].state == "succeeded"
     assert (inbox / "folder.json").is_dir()
     assert sim.stats["submissions"] == 1
@@ -100,24 +102,38 @@ def test_a_file_gone_before_its_claim_is_skipped(tmp_path: Path) -> None:
 
 
 def test_recovery_cleans_what_a_crash_leaves(tmp_path: Path) -> None:
-    """Stale temp files, empty claims and state with no job file are cleaned up at start."""
+    """Stale temp files go; state whose job file is gone is set aside in failed/; files that
+    are no job's (no job id in the name) are left alone; the live job is found."""
     spool = Spool(tmp_path / "in" / ".reeldrop", tmp_path / "in", tmp_path / "out", 0o640, 0o750)
     spool.prepare()
-    (spool.jobs / "empty-claim").mkdir()
-    orphan = spool.jobs / "orphan"
-    orphan.mkdir()
-    (orphan / "member-0001.json").write_text("{}")
-    live = spool.jobs / "live"
-    live.mkdir()
-    (live / "a.prompt").write_text("a")
-    (live / ".member-0001.json.999999999.abcd.tmp").write_text("torn")
+    orphan, live = "20261101T000000Z-0000000a", "20261101T000000Z-0000000b"
+    running = msgspec.json.encode(Sidecar(
+        job_id=orphan, output="o", source="o.prompt", prompt="p", model="m",
+        created_at="2026-11-01T00:00:00.000Z", updated_at="2026-11-01T00:00:00.000Z",
+        state="generating", operation="models/m/operations/o")) + b"\n"
+    (spool.jobs / f"{orphan}.member-0001.jsonl").write_bytes(running)
+    (spool.jobs / f"{live}.a.prompt").write_text("a")
+    (spool.jobs / ".x.member-0001.jsonl.999999999.abcd.tmp").write_text("torn")
+    (spool.jobs / "notes.txt").write_text("an operator's")
     (spool.outbox / ".a.json.999999999.abcd.tmp").write_text("torn")
     runs = spool.recover()
-    assert [r.job_id for r in runs] == ["live"]
-    assert sorted(p.name for p in live.iterdir()) == ["a.prompt"]
-    assert not (spool.jobs / "empty-claim").exists()
-    assert (spool.failed / "orphan").is_dir()
+    assert [(r.job_id, r.source) for r in runs] == [(live, "a.prompt")]
+    assert sorted(os.listdir(spool.jobs)) == [f"{live}.a.prompt", "notes.txt"]
+    assert os.listdir(spool.failed) == [f"{orphan}.member-0001.jsonl"]
     assert list(spool.outbox.iterdir()) == []
+
+
+def test_an_archive_cut_short_is_finished_and_the_job_not_run_again(tmp_path: Path) -> None:
+    """A finished job's file moves to done/ first, then its records. A crash between the two
+    leaves a record in jobs/ without its file: recovery moves it on after the file and does
+    not take the job up again."""
+    config, spool, run, member = claimed_job(tmp_path, "one.prompt")
+    spool.record(run, member.moved("succeeded"))
+    os.rename(run.source_path, spool.done / f"{run.job_id}.one.prompt")  # the crash came here
+    assert restarted_spool(config).recover() == []
+    assert sorted(os.listdir(spool.done)) == [
+        f"{run.job_id}.member-0001.jsonl", f"{run.job_id}.one.prompt"]
+    assert os.listdir(spool.jobs) == []
 
 
 def test_a_job_claimed_but_never_tried_is_accepted_again_under_its_own_name(
@@ -138,7 +154,7 @@ def test_a_job_claimed_but_never_tried_is_accepted_again_under_its_own_name(
     run = spool.claim(path)
     assert run is not None
     intake.accept(run)
-    assert sorted(p.name for p in run.directory.iterdir()) == ["one.prompt"]
+    assert os.listdir(spool.jobs) == [f"{run.job_id}.one.prompt"]
     spool, intake = fresh()  # the crash: a new process
     runs = spool.recover()
     assert [(r.job_id, r.members) for r in runs] == [(run.job_id, [])]
@@ -172,7 +188,7 @@ def test_a_torn_record_line_is_cut_and_the_last_whole_state_counts(tmp_path: Pat
     config, spool, run, member = claimed_job(tmp_path, "one.prompt")
     spool.record(run, member.moved("submitting", attempts=1), durable=False)
     spool.record(run, run.members[0].moved("generating", operation="models/m/operations/x"))
-    record = run.directory / "member-0001.jsonl"
+    record = Path(run.path("member-0001.jsonl"))
     with record.open("ab") as f:
         f.write(b'{"job_id": "' + run.job_id.encode() + b'", "output": "one", "sta')
     runs = restarted_spool(config).recover()
@@ -193,16 +209,38 @@ def test_a_job_file_named_like_a_record_is_still_the_job(tmp_path: Path) -> None
     assert [m.state for m in recovered.members] == ["submitting"]
 
 
-def test_a_record_from_an_earlier_version_is_still_read(tmp_path: Path) -> None:
-    """Jobs in flight across an upgrade are not lost: a one-document ``member-NNNN.json``
-    record is read, and once the member records again its ``.jsonl`` record wins."""
-    _, spool, run, member = claimed_job(tmp_path, "old.prompt")
-    older = member.moved("generating", operation="models/m/operations/old")
-    (run.directory / "member-0001.json").write_bytes(msgspec.json.encode(older) + b"\n")
-    [found] = spool.recover()[0].members
-    assert found.operation == "models/m/operations/old"
-    spool.record(run, found.moved("downloading"))
-    assert [m.state for m in spool.recover()[0].members] == ["downloading"]
+def test_a_spool_of_the_older_layout_is_flattened_and_its_jobs_resume(tmp_path: Path) -> None:
+    """Jobs in flight across an upgrade are not lost: a job directory of the older layout,
+    with a one-document ``member-NNNN.json`` record, becomes flat files at start-up; the job
+    resumes with its operation (polled, not paid again), and a failed job kept in the older
+    layout can still be retried."""
+    config, spool, run, member = claimed_job(tmp_path, "old.prompt")
+    spool.record(run, member.moved("submitting", attempts=1))
+    older = spool.jobs / run.job_id  # the same job as an older version kept it
+    older.mkdir()
+    os.rename(run.source_path, older / "old.prompt")
+    os.unlink(run.path("member-0001.jsonl"))
+    generating = run.members[0].moved("generating", operation="models/m/operations/old")
+    (older / "member-0001.json").write_bytes(msgspec.json.encode(generating) + b"\n")
+    failed_before = spool.failed / "20261101T000000Z-0000000f"
+    failed_before.mkdir()
+    (failed_before / "gone.prompt").write_text("kept bytes")
+    (failed_before / "member-0001.jsonl").write_bytes(msgspec.json.encode(Sidecar(
+        job_id=failed_before.name, output="gone", source="gone.prompt", prompt="p", model="m",
+        created_at="2026-11-01T00:00:00.000Z", updated_at="2026-11-01T00:00:00.000Z",
+        state="failed")) + b"\n")
+    assert config.inbox is not None
+    assert retry(config.spool, config.inbox, ["gone"], all_failed=False) == ["gone.prompt"]
+    assert (config.inbox / "gone.prompt").read_text() == "kept bytes"
+    [found] = restarted_spool(config).recover()
+    assert (found.job_id, found.source) == (run.job_id, "old.prompt")
+    assert [(m.state, m.operation) for m in found.members] == [
+        ("generating", "models/m/operations/old")]
+    assert sorted(os.listdir(spool.jobs)) == [
+        f"{run.job_id}.member-0001.jsonl", f"{run.job_id}.old.prompt"]
+    assert os.listdir(spool.failed) == ["20261101T000000Z-0000000f.member-0001.jsonl"]
+    spool.record(found, found.members[0].moved("downloading"))
+    assert [m.state for m in restarted_spool(config).recover()[0].members] == ["downloading"]
 
 
 async def test_an_array_cut_short_in_its_accept_gets_its_missing_members(
@@ -225,7 +263,7 @@ async def test_an_array_cut_short_in_its_accept_gets_its_missing_members(
         operation = (await resp.json())["name"]
     spool.record(run, first.moved("generating", operation=operation, attempts=1))
     for member in rest:  # the crash came before these were recorded and published
-        (run.directory / f"member-{member.index:04d}.jsonl").unlink()
+        os.unlink(run.path(f"member-{member.index:04d}.jsonl"))
         (outbox / f"{member.output}.json").unlink()
     async with running(config):
         await until(finished(outbox, 3), what="three finished members")

@@ -292,7 +292,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.names and not args.failed:
         raise ConfigError("Name the failed jobs to retry, or pass --failed for all of them.")
     try:
-        moved = manage.retry(cfg.spool, cfg.inbox, args.names, all_failed=args.failed)
+        moved = manage.retry(cfg.spool, cfg.inbox, args.names, all_failed=args.failed,
+                             file_mode=cfg.file_mode)
     except InvalidJob as e:
         print(f"reeldrop: {e.message}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from .config import Config, load
 from .daemon import Daemon
 from .sidecar import Sidecar
 from .simulator import SimConfig, Simulator
-from .spool import read_members
+from .spool import read_members, stored_jobs
 
 DEMO_TIMEOUT_S = 120.0
 
@@ -77,8 +77,8 @@ def _all_finished(daemon: Daemon) -> bool:
 def _finished_members(daemon: Daemon) -> list[Sidecar]:
     found: list[Sidecar] = []
     for area in (daemon.spool.done, daemon.spool.failed):
-        for directory in sorted(area.iterdir()):
-            found.extend(read_members(directory))
+        for job_id, job in stored_jobs(area).items():
+            found.extend(read_members(area, job_id, job.records))
     return sorted(found, key=lambda m: m.output)
 
 

@@ -20,7 +20,7 @@ import msgspec
 from . import jobs, sidecar
 from .errors import InvalidJob
 from .sidecar import BATCH_SUFFIX, Sidecar
-from .spool import is_record, read_members
+from .spool import flatten_legacy, read_members, stored_jobs
 from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")
@@ -88,7 +88,8 @@ def follow(outbox: Path, source: str, since: str, timeout_s: float,
     return None
 
 
-def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool) -> list[str]:
+def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool,
+          file_mode: int = 0o640) -> list[str]:
     """Put the kept files of failed jobs back into the inbox; the names moved.
 
     A job matches by its file name, its file's stem, or any member's output name.
@@ -96,23 +97,24 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool) -> li
     moved: list[str] = []
     failed_area = spool / "failed"
     wanted = set(names)
-    for directory in sorted(failed_area.iterdir()) if failed_area.is_dir() else []:
-        sources = [p for p in directory.iterdir()
-                   if p.is_file() and not is_record(p.name) and not p.name.startswith(".")]
-        if not sources:
+    if failed_area.is_dir():
+        flatten_legacy(failed_area, file_mode)  # jobs an older version failed
+    stored = stored_jobs(failed_area) if failed_area.is_dir() else {}
+    for job_id, job in sorted(stored.items()):
+        if job.source is None:
             continue
-        source = sources[0]
-        outputs = {m.output for m in read_members(directory)}
-        keys = {source.name, source.stem, *outputs}
+        source = failed_area / f"{job_id}.{job.source}"
+        outputs = {m.output for m in read_members(failed_area, job_id, job.records)}
+        keys = {job.source, Path(job.source).stem, *outputs}
         if not all_failed and not keys & wanted:
             continue
-        target = inbox / source.name
+        target = inbox / job.source
         try:
             os.link(source, target)  # never clobbers a file waiting in the inbox
         except FileExistsError:
             continue
         source.unlink()
-        moved.append(source.name)
+        moved.append(job.source)
         wanted -= keys
     if wanted and not all_failed:
         raise InvalidJob(f"No failed job named {', '.join(sorted(wanted))} in {failed_area}.")

@@ -3,13 +3,21 @@
 Layout (``INBOX/.reeldrop`` unless ``state_dir`` says otherwise; it must share the inbox's
 filesystem so that a claim is one ``rename()``)::
 
-    jobs/<job_id>/NAME.json|NAME.prompt   the original bytes, moved here by the claim
-    jobs/<job_id>/member-0001.jsonl       each member's durable state: one line (the sidecar
-                                          schema) per change, the last complete line current
-    done/<job_id>/                        finished jobs, kept
-    failed/<job_id>/                      jobs with a failed member, kept for inspection/retry
+    jobs/<job_id>.NAME                  the original bytes (NAME.json|NAME.prompt), moved
+                                        here by the claim
+    jobs/<job_id>.member-0001.jsonl     each member's durable state: one line (the sidecar
+                                        schema) per change, the last complete line current
+    done/<job_id>.*                     finished jobs' files, kept
+    failed/<job_id>.*                   jobs with a failed member, kept for inspection/retry
 
-A directory's place is its state: moving it is one atomic rename, like Postfix's queues.
+The spool is flat: a job is the files that share its id, not a directory. On ext4 a
+directory per job cost more than the rest of a claim together (the directory allocator
+places a new inode and block), and a claim is on every job's path. A file's area is its
+state, like Postfix's queues. A finished job's file moves first and that move is made
+durable (it is the commit: a job file in ``jobs/`` means every record of it is there too);
+its records follow, and recovery finishes a move that a crash cut short. Spools of the older
+layout (a directory per job) are flattened at start-up, so jobs in flight survive an upgrade.
+
 A member's record is appended to, not replaced: a replace costs a new file and frees the old
 one at every change, and an append needs one fsync where a replace needs two. A crash can
 only cut the last line short, and recovery cuts that torn tail off before anything appends.
@@ -30,39 +38,51 @@ from pathlib import Path
 from . import log, sidecar
 from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
-from .writer import fsync_dir, syncfs, write_all
+from .writer import atomic_write, fsync_dir, syncfs, write_all
 
 MEMBER_PREFIX = "member-"
 RECORD_SUFFIX = ".jsonl"
-# Earlier versions wrote one-document ``.json`` records; both are read. A job file of the
-# user's is never taken for a record unless it is named exactly like one.
-_RECORD_NAME = re.compile(rf"{MEMBER_PREFIX}\d{{4}}\.jsonl?")
+_JOB_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+_RECORD_NAME = re.compile(rf"{MEMBER_PREFIX}\d{{4}}\{RECORD_SUFFIX}")
+# The older layout's records inside a job directory: ``.jsonl`` logs, and before them
+# one-document ``.json`` files (read so that jobs in flight survive an upgrade).
+_LEGACY_RECORD = re.compile(rf"{MEMBER_PREFIX}(\d{{4}})\.jsonl?")
 
 
 def is_record(name: str) -> bool:
+    """A member record's name (after the job id). A job file is never one: it ends in
+    ``.prompt`` or ``.json``."""
     return _RECORD_NAME.fullmatch(name) is not None
 
 
+def record_name(index: int) -> str:
+    return f"{MEMBER_PREFIX}{index:04d}{RECORD_SUFFIX}"
+
+
 def new_job_id() -> str:
-    """Sortable by claim time, unique across daemons sharing the inbox."""
+    """Sortable by claim time, unique across daemons sharing the inbox; never holds a dot."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
 @dataclass
 class JobRun:
-    """A claimed job in memory: its directory and the latest state of each member."""
+    """A claimed job in memory: where its files are and the latest state of each member."""
 
     job_id: str
-    directory: Path
+    area: Path  # jobs/ while it runs, then done/ or failed/
     source: str
     members: list[Sidecar] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)  # batch file and archiving
     archived: bool = False
     linked: set[int] = field(default_factory=set)  # members whose record's name is durable
 
+    def path(self, name: str) -> str:
+        """One of the job's files: ``AREA/<job_id>.NAME``."""
+        return os.path.join(self.area, f"{self.job_id}.{name}")
+
     @property
     def source_path(self) -> Path:
-        return self.directory / self.source
+        return Path(self.path(self.source))
 
     @property
     def is_batch(self) -> bool:
@@ -72,6 +92,54 @@ class JobRun:
     @property
     def all_done(self) -> bool:
         return all(m.done for m in self.members)
+
+
+@dataclass
+class StoredJob:
+    """A job's files in one area, by name after the job id."""
+
+    source: str | None = None
+    records: list[str] = field(default_factory=list)
+
+
+def stored_jobs(area: Path) -> dict[str, StoredJob]:
+    """The jobs whose files are in ``area``, by job id (one listing of the directory).
+
+    Names that do not start with a job id (temp files, anything put there by hand) and
+    directories (the older layout, see ``flatten_legacy``) are not jobs' files.
+    """
+    found: dict[str, StoredJob] = {}
+    with os.scandir(area) as entries:
+        for entry in entries:
+            job_id, dot, rest = entry.name.partition(".")
+            if not dot or not rest or not _JOB_ID.fullmatch(job_id) or entry.is_dir():
+                continue
+            job = found.setdefault(job_id, StoredJob())
+            if is_record(rest):
+                job.records.append(rest)
+            elif job.source is None or rest < job.source:
+                job.source = rest
+    for job in found.values():
+        job.records.sort()
+    return found
+
+
+def read_members(area: Path, job_id: str, records: list[str], *,
+                 repair: bool = False) -> list[Sidecar]:
+    """The current state of each recorded member of a job, in member order.
+
+    With ``repair`` (recovery, before anything appends), a record whose last line a crash cut
+    short is truncated back to its last complete line.
+    """
+    members = []
+    for name in sorted(records):
+        path = area / f"{job_id}.{name}"
+        if repair:
+            _cut_torn_tail(path)
+        member = sidecar.read_last(path)
+        if member is not None:
+            members.append(member)
+    return members
 
 
 class Spool:
@@ -94,26 +162,21 @@ class Spool:
             )
 
     def claim(self, path: Path, *, durable: bool = True) -> JobRun | None:
-        """Move one inbox file into a new job directory; None if someone else took it first.
+        """Move one inbox file into ``jobs/`` under a new job id; None if someone else took
+        it first.
 
         Without ``durable`` the directory fsyncs are left to the caller's ``sync()``, which
         must come before anything of the job is sent.
         """
         job_id = new_job_id()
-        directory = self.jobs / job_id
-        directory.mkdir(mode=self.dir_mode)
         try:
-            os.rename(path, directory / path.name)
+            os.rename(path, os.path.join(self.jobs, f"{job_id}.{path.name}"))
         except FileNotFoundError:
-            directory.rmdir()
             return None
-        except OSError:
-            directory.rmdir()
-            raise
         if durable:
-            fsync_dir(directory)
+            fsync_dir(self.jobs)
             fsync_dir(self.inbox)
-        return JobRun(job_id=job_id, directory=directory, source=path.name)
+        return JobRun(job_id=job_id, area=self.jobs, source=path.name)
 
     def sync(self) -> None:
         """Make every write so far on the spool's filesystem durable (after a batch intake)."""
@@ -129,13 +192,13 @@ class Spool:
         try:
             self._append(run, member, durable)
         except OSError as e:
-            raise OutputError(f"Cannot record the job's state in {run.directory}: "
+            raise OutputError(f"Cannot record the job's state in {run.area}: "
                               f"{e.strerror}.") from None
         self.publish(member, exclusive=exclusive)
 
     def _append(self, run: JobRun, member: Sidecar, durable: bool) -> None:
         """Add one line to the member's record; a failed write leaves no partial line."""
-        path = run.directory / f"{MEMBER_PREFIX}{member.index:04d}{RECORD_SUFFIX}"
+        path = run.path(record_name(member.index))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      self.file_mode)
         try:
@@ -151,7 +214,7 @@ class Spool:
         finally:
             os.close(fd)
         if durable and member.index not in run.linked:
-            fsync_dir(run.directory)  # the file's name, once
+            fsync_dir(run.area)  # the file's name, once
             run.linked.add(member.index)
 
     def publish(self, member: Sidecar, *, exclusive: bool = False) -> None:
@@ -219,53 +282,73 @@ class Spool:
         if run.archived or not run.all_done:
             return None
         failed = any(m.state == "failed" for m in run.members) or not run.members
-        target = (self.failed if failed else self.done) / run.job_id
-        # Not fsynced: if a power cut undoes the move, start-up finds the finished job in
-        # jobs/ and archives it again (its final records and sidecars are durable).
-        os.rename(run.directory, target)
-        run.directory, run.archived = target, True
+        area = self.failed if failed else self.done
+        # The job file first, made durable: from then on a restart knows the job is finished
+        # and only moves the records that did not follow (see ``recover``). The records'
+        # moves are not fsynced: their final states are durable wherever they are.
+        target = area / f"{run.job_id}.{run.source}"
+        os.rename(run.source_path, target)
+        fsync_dir(self.jobs)
+        self._move_records(run.job_id, [record_name(m.index) for m in run.members], area)
+        run.area, run.archived = area, True
         return target
+
+    def _move_records(self, job_id: str, records: list[str], area: Path) -> None:
+        for name in records:
+            with contextlib.suppress(FileNotFoundError):  # a member that never recorded
+                os.rename(self.jobs / f"{job_id}.{name}", area / f"{job_id}.{name}")
 
     def recover(self) -> list[JobRun]:
         """The jobs a previous run left claimed, after removing what a crash leaves behind."""
+        for area in (self.jobs, self.failed):
+            flatten_legacy(area, self.file_mode)
+        _remove_temp_files(self.jobs)
         runs: list[JobRun] = []
-        for directory in sorted(p for p in self.jobs.iterdir() if p.is_dir()):
-            _remove_temp_files(directory)
-            files = [p for p in directory.iterdir() if p.is_file() or p.is_symlink()]
-            sources = [p for p in files if not is_record(p.name)]
-            members = read_members(directory, repair=True)
-            if not files:
-                log.get().info("spool.removed_empty_claim", job_id=directory.name)
-                directory.rmdir()  # a crash between mkdir and the claim rename
+        for job_id, stored in sorted(stored_jobs(self.jobs).items()):
+            members = read_members(self.jobs, job_id, stored.records, repair=True)
+            if stored.source is not None:
+                runs.append(JobRun(job_id=job_id, area=self.jobs, source=stored.source,
+                                   members=members))
                 continue
-            if not sources:
-                log.get().warning("spool.orphan_state", job_id=directory.name)
-                os.rename(directory, self.failed / directory.name)
-                continue
-            runs.append(JobRun(job_id=directory.name, directory=directory,
-                               source=sources[0].name, members=members))
+            # Records without their job file: an archive cut short (the file went first), or
+            # state whose file someone removed. Either way the records join the file's area.
+            finished = bool(members) and all(m.done for m in members)
+            failed = not finished or any(m.state == "failed" for m in members)
+            if finished:
+                log.get().info("spool.archive_finished", job_id=job_id)
+            else:
+                log.get().warning("spool.orphan_state", job_id=job_id)
+            self._move_records(job_id, stored.records, self.failed if failed else self.done)
         _remove_temp_files(self.outbox)
         return runs
 
 
-def read_members(directory: Path, *, repair: bool = False) -> list[Sidecar]:
-    """The current state of each member recorded in a job directory, in member order.
+def flatten_legacy(area: Path, file_mode: int) -> None:
+    """Move jobs of the older layout (``AREA/<job_id>/``) into the flat one, crash-safely.
 
-    With ``repair`` (recovery, before anything appends), a record whose last line a crash cut
-    short is truncated back to its last complete line.
+    Records first (each written anew as a one-line ``.jsonl``, durably), then the job file
+    (in ``jobs/`` that move is the commit), then the directory goes. A crash in between is
+    finished by the next start: writing the records again gives the same files.
     """
-    latest: dict[str, Path] = {}
-    for path in sorted(directory.glob(f"{MEMBER_PREFIX}*")):
-        if is_record(path.name) and path.is_file():
-            latest[path.name.removesuffix(path.suffix)] = path  # .jsonl sorts after .json
-    members = []
-    for _, path in sorted(latest.items()):
-        if repair and path.suffix == RECORD_SUFFIX:
-            _cut_torn_tail(path)
-        member = sidecar.read_last(path)
-        if member is not None:
-            members.append(member)
-    return members
+    with os.scandir(area) as entries:
+        directories = sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+    for directory in directories:
+        job_id = directory.name
+        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+        records = {m[1]: n for n in names if (m := _LEGACY_RECORD.fullmatch(n))}  # .jsonl wins
+        for index, name in records.items():
+            member = sidecar.read_last(directory / name)
+            if member is not None:
+                atomic_write(area / f"{job_id}.{record_name(int(index))}",
+                             sidecar.encode(member), file_mode)
+        for name in names:
+            if not _LEGACY_RECORD.fullmatch(name):  # the job file (there is only ever one)
+                os.rename(directory / name, area / f"{job_id}.{name}")
+                fsync_dir(area)
+        for name in os.listdir(directory):
+            (directory / name).unlink()
+        directory.rmdir()
+        log.get().info("spool.flattened", job_id=job_id, area=area.name)
 
 
 def _cut_torn_tail(path: Path) -> None:
