@@ -116,12 +116,14 @@ class Generation:
             await asyncio.sleep(min(wait, deadline_s - elapsed + 0.01))
 
     async def download(
-        self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None
+        self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None,
+        make_partial_dir: bool = False,
     ) -> VideoFile:
         """Fetch one video to ``final`` via ``partial``, retried as a download (never a
-        second generation)."""
+        second generation). ``make_partial_dir``: create ``partial``'s directory if needed."""
+        parent_mode = self.config.dir_mode if make_partial_dir else None
         return await retry.call(
             lambda: download_video(self.client, uri, partial, final, self.config.file_mode,
-                                   progress=progress),
+                                   progress=progress, parent_mode=parent_mode),
             tries=self.config.download_tries, base_s=self.config.retry_base_s,
             cap_s=self.config.retry_cap_s, phase="download")

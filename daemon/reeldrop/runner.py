@@ -162,7 +162,6 @@ class Runner:
     async def _download(self, run: JobRun, member: Sidecar, uris: list[str]) -> list[VideoFile]:
         outbox = self.spool.outbox
         partial_dir = outbox / PARTIAL_DIR
-        partial_dir.mkdir(mode=self.config.dir_mode, exist_ok=True)
         videos: list[VideoFile] = []
         reporting: list[asyncio.Future[None]] = []
         last = time.monotonic()
@@ -180,7 +179,7 @@ class Runner:
             name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"
             partial = partial_dir / f"{member.output}.{run.job_id}.{i}.mp4.part"
             with self._critical():
-                videos.append(await self.generation.download(uri, partial, outbox / name,
-                                                             progress=progress))
+                videos.append(await self.generation.download(
+                    uri, partial, outbox / name, progress=progress, make_partial_dir=True))
         await asyncio.gather(*reporting)  # no progress write may land after the final state
         return videos

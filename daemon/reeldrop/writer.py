@@ -68,6 +68,28 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """``rename()`` that never clobbers: FileExistsError if ``dst`` exists.
+
+    One ``renameat2(RENAME_NOREPLACE)`` where the filesystem has it (ext4, xfs, btrfs,
+    tmpfs), else ``link()`` and ``unlink()``, which never clobber either.
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # anything but "not here": a real error
+            raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst)
+    os.unlink(src)
+
+
 # With the pid, names this process's temp files uniquely: a random tag drawn once (a
 # crashed predecessor with the same pid, as in a container, leaves other names) and a
 # counter (cheaper than a random token per write).
@@ -91,7 +113,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
     """Replace ``path`` with ``data`` atomically (and, if ``durable``, survive a power cut).
 
     With ``exclusive``, the file must not exist yet (FileExistsError otherwise): the final step
-    is ``link()``, which never clobbers, instead of ``rename()``. Without ``durable`` the
+    is ``rename_noreplace()`` instead of ``rename()``. Without ``durable`` the
     fsyncs are skipped: readers still see the old file or the new one, never a torn one, and
     a process crash cannot lose it; only a machine crash can, which suits copies that are
     rebuilt from a durable record at start-up (the public sidecars).
@@ -109,8 +131,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
         finally:
             os.close(fd)
         if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            rename_noreplace(tmp, os.fspath(path))
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -133,17 +154,19 @@ def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
 
 async def download_video(
     client: VeoClient, uri: str, partial: Path, final: Path, mode: int, *,
-    progress: Progress | None = None,
+    progress: Progress | None = None, parent_mode: int | None = None,
 ) -> VideoFile:
     """Stream one video to ``partial`` (resuming it with Range if present), verify, publish.
 
     A failed transfer leaves the partial file for the next try to resume; a file that fails
     its checks is removed. The public name appears only once the whole, checked file is there.
+    With ``parent_mode``, a missing partial directory is created with that mode.
     """
     offset = _size(partial)
     resp = await client.open_download(uri, offset)
     try:
-        size, expected, digest = await _receive(resp, partial, offset, mode, progress)
+        size, expected, digest = await _receive(resp, partial, offset, mode,
+                                                progress=progress, parent_mode=parent_mode)
     finally:
         resp.release()
     if expected is not None and size != expected:
@@ -172,9 +195,21 @@ def _publish(partial: Path, final: Path, mode: int) -> None:
         raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
 
 
+def _open_partial(partial: Path, flags: int, mode: int, parent_mode: int | None) -> int:
+    """Open the partial file; with ``parent_mode``, make its directory first if it is gone
+    (someone removed the outbox under a running daemon)."""
+    try:
+        return os.open(partial, flags, mode)
+    except FileNotFoundError:
+        if parent_mode is None:
+            raise
+        partial.parent.mkdir(mode=parent_mode, parents=True, exist_ok=True)
+        return os.open(partial, flags, mode)
+
+
 async def _receive(
-    resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int,
-    progress: Progress | None,
+    resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int, *,
+    progress: Progress | None, parent_mode: int | None,
 ) -> tuple[int, int | None, hashlib._Hash]:
     """Stream the body into ``partial`` (appending if the server honoured our Range).
 
@@ -190,8 +225,8 @@ async def _receive(
     expected = offset + int(length) if length and length.isdigit() else None
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     flags |= os.O_APPEND if resumed else os.O_TRUNC
-    try:
-        fd = os.open(partial, flags, mode)
+    try:  # in a thread: creating a file can stall on a busy disk, and so would the loop
+        fd = await asyncio.to_thread(_open_partial, partial, flags, mode, parent_mode)
     except OSError as e:
         raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
     size = offset
