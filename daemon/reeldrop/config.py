@@ -141,6 +141,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         """The built-in capability table, extended or overridden by ``[models]``."""
         return {**BUILTIN_MODELS, **self.models}
 
+    def caps_of(self, model: str) -> ModelCaps | None:
+        """One model's capabilities (``model_caps()[model]`` without building the table)."""
+        return self.models.get(model) or BUILTIN_MODELS.get(model)
+
     @property
     def spool(self) -> Path:
         if self.state_dir is not None:

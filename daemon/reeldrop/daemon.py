@@ -212,24 +212,25 @@ class Daemon:
         """Claim and accept a batch of files (blocking). A big batch skips the per-file fsyncs
         and makes them durable with one filesystem sync before any job is queued."""
         durable = len(paths) < BATCH_SYNC_FROM
-        runs = [run for path in paths if (run := self._claim_and_accept(path, durable))]
+        logger = log.get().bind()  # bound once: a lazy logger binds anew at every call
+        runs = [run for path in paths if (run := self._claim_and_accept(path, durable, logger))]
         if runs and not durable:
             self.spool.sync()
         return runs
 
-    def _claim_and_accept(self, path: Path, durable: bool) -> JobRun | None:
+    def _claim_and_accept(self, path: Path, durable: bool, logger: log.Logger) -> JobRun | None:
         try:
             run = self.spool.claim(path, durable=durable)
         except OSError as e:
-            log.get().error("intake.claim_failed", name=path.name, error=e.strerror)
+            logger.error("intake.claim_failed", name=path.name, error=e.strerror)
             return None
         if run is None:
             return None
-        log.get().info("job.claimed", job_id=run.job_id, source=run.source)
+        logger.info("job.claimed", job_id=run.job_id, source=run.source)
         try:
-            self.intake.accept(run, durable=durable)
-        except Exception:  # noqa: BLE001 - e.g. the outbox is gone: keep the claim for a restart
-            log.get().exception("intake.accept_failed", job_id=run.job_id, source=run.source)
+            self.intake.accept(run, durable=durable, logger=logger)
+        except Exception:  # e.g. the outbox is gone: keep the claim for a restart
+            logger.exception("intake.accept_failed", job_id=run.job_id, source=run.source)
             return None
         self.counts["failed"] += sum(m.state == "failed" for m in run.members)  # invalid files
         # An invalid file is already finished: archive it here, in the intake's thread.

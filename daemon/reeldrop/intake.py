@@ -24,21 +24,25 @@ from .spool import JobRun, Spool
 MAX_SUFFIX = 1000
 
 
-def read_job_file(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, refusing links, non-regular files and files over ``max_bytes``."""
+def read_job_file(path: str | Path, max_bytes: int, name: str | None = None) -> bytes:
+    """The file's bytes, refusing links, non-regular files and files over ``max_bytes``.
+
+    ``name`` is what the messages call the file (by default, its name on disk).
+    """
+    name = name or os.path.basename(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InvalidJob(f"{path.name} is a symbolic link; reeldrop does not follow links, "
+            raise InvalidJob(f"{name} is a symbolic link; reeldrop does not follow links, "
                              "so drop the file itself.") from None
-        raise InvalidJob(f"{path.name} cannot be read: {e.strerror}.") from None
+        raise InvalidJob(f"{name} cannot be read: {e.strerror}.") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidJob(f"{path.name} is not a regular file.")
+            raise InvalidJob(f"{name} is not a regular file.")
         if st.st_size > max_bytes:
-            raise InvalidJob(f"{path.name} is {st.st_size} bytes; job files may be at most "
+            raise InvalidJob(f"{name} is {st.st_size} bytes; job files may be at most "
                              f"{max_bytes} bytes (max_job_bytes).")
         chunks, size = [], 0
         while True:  # reads sized to the file: no megabyte buffer for a small prompt
@@ -50,7 +54,7 @@ def read_job_file(path: Path, max_bytes: int) -> bytes:
                 break  # a short read of a regular file is its end
         data = b"".join(chunks)
         if len(data) > max_bytes:
-            raise InvalidJob(f"{path.name} grew past {max_bytes} bytes (max_job_bytes).")
+            raise InvalidJob(f"{name} grew past {max_bytes} bytes (max_job_bytes).")
         return data
     finally:
         os.close(fd)
@@ -65,16 +69,17 @@ class Intake:
     def release(self, member: Sidecar) -> None:
         self.reserved.discard(member.output)
 
-    def accept(self, run: JobRun, *, durable: bool = True) -> list[Sidecar]:
+    def accept(self, run: JobRun, *, durable: bool = True,
+               logger: log.Logger | None = None) -> list[Sidecar]:
         """Parse a freshly claimed (or half-accepted) job; persist its members; return them.
 
         Members already recorded (a crash cut an array's accept short) are kept as they are;
         only the missing ones are added. Without ``durable``, the caller syncs the spool
-        before any member is sent.
+        before any member is sent. ``logger``: one bound for a whole batch of claims.
         """
         known = {m.index: m for m in run.members}
         try:
-            data = read_job_file(run.source_path, self.config.max_job_bytes)
+            data = read_job_file(run.path(run.source), self.config.max_job_bytes, run.source)
             members = jobs.parse(run.source, data, self.config)
         except InvalidJob as e:
             if not known:
@@ -95,8 +100,8 @@ class Intake:
                 created_at=stamp, updated_at=stamp, metadata=m.metadata,
             )
             run.members.append(self._publish_first(run, draft, durable, record=batch is not None))
-        log.get().info("job.accepted", job_id=run.job_id, source=run.source,
-                       members=len(run.members))
+        (logger or log.get()).info("job.accepted", job_id=run.job_id, source=run.source,
+                                   members=len(run.members))
         return run.members
 
     def adopt(self, run: JobRun) -> None:

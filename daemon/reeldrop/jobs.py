@@ -23,6 +23,8 @@ JOB_SUFFIXES = (".prompt", ".json")
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
              *(f"lpt{i}" for i in range(10))}
 _UNSAFE_RUN = re.compile(r"[^\w.\-]+")
+# Names with nothing to clean up (no trailing "_" to strip) or refuse, but their length.
+_PLAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_\-]*[A-Za-z0-9\-])?")
 MAX_OUTPUT_CHARS = 120
 
 
@@ -72,6 +74,8 @@ def is_job_name(name: str) -> bool:
 
 def check_output_name(name: str, *, field: str = "output") -> str:
     """A safe file stem for the outbox, or InvalidJob. Unsafe runs become ``_``; paths refuse."""
+    if _PLAIN.fullmatch(name) and len(name) <= MAX_OUTPUT_CHARS and name.lower() not in _RESERVED:
+        return name  # the usual case, answered without the Unicode work below
     if not name or not name.strip():
         raise InvalidJob(f"{field} is empty; give a plain file name such as 'sunset'.")
     if "\0" in name or "/" in name or "\\" in name:
@@ -175,7 +179,7 @@ def resolve(req: VideoRequest, config: Config, *, default_output: str, where: st
             f"the limit is {config.max_prompt_chars} (max_prompt_chars)."
         )
     model = req.model or config.model
-    caps = config.model_caps().get(model)
+    caps = config.caps_of(model)
     if caps is None:
         known = ", ".join(sorted(config.model_caps()))
         raise InvalidJob(f"Unknown model {model!r} at {where}.model; known models: {known}.")

@@ -287,7 +287,7 @@ class Spool:
         # and only moves the records that did not follow (see ``recover``). The records'
         # moves are not fsynced: their final states are durable wherever they are.
         target = area / f"{run.job_id}.{run.source}"
-        os.rename(run.source_path, target)
+        os.rename(run.path(run.source), target)
         fsync_dir(self.jobs)
         self._move_records(run.job_id, [record_name(m.index) for m in run.members], area)
         run.area, run.archived = area, True
