@@ -1,16 +1,22 @@
-"""Pacing: the first look at an operation is learned per kind; the watcher slows when quiet."""
+"""Pacing: the first look is learned per kind, one done calls in the older ones of its kind,
+and the watcher slows when quiet."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 
-from reeldrop.scheduler import FirstLook, kind_of
+from reeldrop.generation import Generation
+from reeldrop.jobs import Member
+from reeldrop.scheduler import FirstLook, Siblings, SubmitGate, kind_of
+from reeldrop.veo import VeoClient
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import drop, finished, make_config, running, sidecars, until
@@ -140,3 +146,49 @@ async def test_a_quiet_inbox_is_still_watched(tmp_path: Path, sim: Simulator) ->
         await asyncio.sleep(0.6)
         drop(tmp_path / "inbox", "again.prompt", "after another quiet spell")
         await until(finished(tmp_path / "outbox", 3), timeout=5)
+
+
+async def test_an_operation_found_done_calls_in_the_older_ones_of_its_kind() -> None:
+    """A waiter that started before an operation found done is called in at once; a younger
+    one, and one of another kind, go on waiting for their own time."""
+    siblings = Siblings()
+    kind, other = kind_of("m", {"duration_seconds": 8}), kind_of("m", {"duration_seconds": 4})
+    older = asyncio.create_task(siblings.sleep(kind, 10.0, 60))
+    younger = asyncio.create_task(siblings.sleep(kind, 30.0, 60))
+    elsewhere = asyncio.create_task(siblings.sleep(other, 10.0, 60))
+    await asyncio.sleep(0)
+    assert siblings.finished(kind, 20.0) == 1
+    await asyncio.wait_for(older, 1)
+    await asyncio.sleep(0.05)
+    assert not younger.done() and not elsewhere.done()
+    younger.cancel()
+    elsewhere.cancel()
+    await asyncio.gather(younger, elsewhere, return_exceptions=True)
+    assert siblings.finished(kind, 99.0) == 0  # the cancelled waiters left no trace
+
+
+@pytest.mark.parametrize("call_in", [True, False])
+async def test_an_old_operation_is_looked_at_when_a_younger_sibling_finishes(
+        tmp_path: Path, sim: Simulator, call_in: bool) -> None:
+    """Two operations of one kind finish together. The old one (100 s) would next be looked
+    at in a minute (poll_fraction 0.5, capped at poll_max_s); the young one every 50 ms. When
+    the young one is found done the old one is looked at too, and both are back within a
+    second; with poll_siblings off the old one is still waiting then."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                         poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0,
+                         poll_siblings=call_in)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+        ops = [await generation.create(Member(prompt=f"{name} [latency=0.3]", model=config.model,
+                                              parameters={}, output=name))
+               for name in ("old", "young")]
+        started = time.monotonic()
+        old = asyncio.create_task(generation.wait(
+            ops[0], age_s=lambda: 100 + time.monotonic() - started, kind=kind))
+        young = asyncio.create_task(generation.wait(ops[1], kind=kind))
+        await asyncio.wait_for(young, 5)
+        done, _ = await asyncio.wait([old], timeout=1.0)
+        assert bool(done) == call_in
+        old.cancel()
+    assert sim.ops[ops[0]].polls == (2 if call_in else 1)

@@ -18,7 +18,7 @@ from . import retry
 from .config import Config
 from .errors import APIError, GenerationFailed, GenerationTimeout
 from .jobs import Member
-from .scheduler import FirstLook, SubmitGate, poll_delay
+from .scheduler import FirstLook, Siblings, SubmitGate, poll_delay
 from .veo import VeoClient, video_uris
 from .writer import Progress, VideoFile, download_video
 
@@ -27,6 +27,7 @@ class Generation:
     def __init__(self, client: VeoClient, gate: SubmitGate, config: Config) -> None:
         self.client, self.gate, self.config = client, gate, config
         self.first_look = FirstLook()
+        self.siblings = Siblings()
 
     async def create(
         self,
@@ -83,8 +84,17 @@ class Generation:
         """
         started = time.monotonic()
         age = age_s or (lambda: time.monotonic() - started)
+        born = time.monotonic() - age()  # when the operation started, on this clock
+        siblings = self.config.poll_siblings and kind is not None
+
+        async def sleep(seconds: float) -> None:
+            if siblings:
+                await self.siblings.sleep(kind, born, seconds)
+            else:
+                await asyncio.sleep(max(0.0, seconds))
+
         deadline_s = self.config.poll_deadline_s
-        await asyncio.sleep(max(0.0, self.first_look.wait_s(kind, self.config) - age()))
+        await sleep(self.first_look.wait_s(kind, self.config) - age())
         running_at = 0.0  # the operation's age at the last look that found it running
         while True:
             looked_at = age()
@@ -100,6 +110,8 @@ class Generation:
                 raise
             if op.done:
                 self.first_look.finished(kind, running_at)
+                if siblings:  # the older ones of its kind have most likely finished too
+                    self.siblings.finished(kind, born)
                 return video_uris(op)
             running_at = looked_at
             elapsed = age()
@@ -113,7 +125,7 @@ class Generation:
             # round) skip ahead to it as soon as it is.
             wait = max(poll_delay(elapsed, self.config),
                        self.first_look.wait_s(kind, self.config) - elapsed)
-            await asyncio.sleep(min(wait, deadline_s - elapsed + 0.01))
+            await sleep(min(wait, deadline_s - elapsed + 0.01))
 
     async def download(
         self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None,

@@ -16,6 +16,11 @@ That rule alone costs about ``ln(T / poll_initial_s) / poll_fraction`` polls for
 ``T`` seconds. ``FirstLook`` saves most of them: operations of one kind (model, resolution,
 duration) take similar times, so the first look at a new one is put off to the time by which
 nearly every recent one of its kind was still running (see ``FirstLook``).
+
+The same likeness cuts the lag: an operation found done calls in every older one of its
+kind that is waiting for its next look (``Siblings``). Those have run longer than it needed,
+so most are done too; a batch of jobs is then noticed at the first look that finds any of
+them done, not each at its own next look.
 """
 
 from __future__ import annotations
@@ -138,6 +143,49 @@ class FirstLook:
         """An operation of ``kind`` was done; it was still running at age ``running_at_s``."""
         self._bounds.setdefault(kind, collections.deque(maxlen=self.WINDOW)).append(running_at_s)
         self.changed = True
+
+
+class Siblings:
+    """Operations waiting for their next look, by kind, so that one found done can call in
+    the older ones of its kind at once (``poll_siblings``).
+
+    A waiter is called in at most once per wait: if it is not done after all, it goes back
+    to its own schedule, so a wrong guess costs one poll.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[Hashable, dict[asyncio.Future[None], float]] = {}
+
+    async def sleep(self, kind: Hashable, born: float, seconds: float) -> None:
+        """Wait ``seconds``, or less if an operation of ``kind`` younger than this one
+        (``born``: its start on the monotonic clock) is found done meanwhile."""
+        if seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        called = loop.create_future()
+        waiting = self._waiting.setdefault(kind, {})
+        waiting[called] = born
+        timer = loop.call_later(seconds, _wake, called)
+        try:
+            await called
+        finally:
+            timer.cancel()
+            del waiting[called]
+            if not waiting:
+                del self._waiting[kind]
+
+    def finished(self, kind: Hashable, born: float) -> int:
+        """An operation of ``kind`` started at ``born`` was found done: call in the waiting
+        ones that started before it. Returns how many were called in."""
+        called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born]
+        for future in called:
+            _wake(future)
+        return len(called)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _Learned(msgspec.Struct, frozen=True, kw_only=True):
