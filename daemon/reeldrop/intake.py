@@ -1,7 +1,7 @@
 """Intake: from a claimed job file to queued members with reserved output names.
 
 A bad file never stops anything: it becomes one ``failed`` sidecar with a sentence saying what
-to fix, and its bytes stay in ``failed/<job_id>/``. Output names are reserved so that no job
+to fix, and its bytes stay in ``failed/<job_id>.NAME``. Output names are reserved so that no job
 silently overwrites another's video: a name whose video or live sidecar exists gets a suffix
 (``NAME.2``, ``NAME.3``, …); a name whose last job failed with no video is reused.
 """
