@@ -1,6 +1,7 @@
 """reeldrop benchmarks: run by hand, never in CI. Each prints one JSON object.
 
     uv run python benchmarks/bench.py pickup|makespan|lag|backlog|download|idle|peer [--quick]
+        [--dir DIR | --fresh-ext4]
 
 The simulator runs in this process (its counters and event times are the clock); the daemon
 runs as a subprocess, so its peak RSS (VmHWM) and CPU (utime+stime) are its own. Times come
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +67,30 @@ def quiet_disk() -> None:
     """
     os.sync()
     time.sleep(6)
+
+
+@contextlib.contextmanager
+def fresh_ext4(size_gib: int = 4) -> Iterator[Path]:
+    """A brand-new ext4 without a journal (the kind of this machine's disk), loop-mounted.
+
+    No other process's recent deletions slow its file creation (see ``quiet_disk``), so
+    two builds measured one after the other meet the same disk. Needs root, mkfs.ext4 and a
+    free loop device; the image is sparse and removed afterwards.
+    """
+    fd, name = tempfile.mkstemp(prefix="reeldrop-bench-", suffix=".img", dir="/var/tmp")
+    os.close(fd)
+    image, mount = Path(name), Path(tempfile.mkdtemp(prefix="reeldrop-bench-mnt-"))
+    try:
+        os.truncate(image, size_gib << 30)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], check=False)
+    finally:
+        image.unlink(missing_ok=True)
+        mount.rmdir()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -378,11 +405,19 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, same shape")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the scratch inbox and outbox go (default: the temp dir)")
+    parser.add_argument("--fresh-ext4", action="store_true",
+                        help="each benchmark on a new loop-mounted ext4 without a journal "
+                             "(root only): the same disk for every run")
     args = parser.parse_args()
     warm_bytecode()
     roots: list[Path] = []
     try:
         for name in BENCHES if args.name == "all" else [args.name]:
+            if args.fresh_ext4:
+                with fresh_ext4() as mount:
+                    await run_one(name, Path(tempfile.mkdtemp(dir=mount)), args.quick,
+                                  fresh_ext4=True)
+                continue
             quiet_disk()
             roots.append(Path(tempfile.mkdtemp(prefix=f"reeldrop-bench-{name}-", dir=args.dir)))
             await run_one(name, roots[-1], args.quick)
@@ -391,7 +426,7 @@ async def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def run_one(name: str, root: Path, quick: bool) -> None:
+async def run_one(name: str, root: Path, quick: bool, *, fresh_ext4: bool = False) -> None:
     sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.1, seed=1))
     await sim.start()
     try:
@@ -399,7 +434,7 @@ async def run_one(name: str, root: Path, quick: bool) -> None:
     finally:
         await sim.stop()
     print(json.dumps({"benchmark": name, "quick": quick, **figures,
-                      "machine": machine(root.parent)}), flush=True)
+                      "machine": {**machine(root.parent), "fresh_ext4": fresh_ext4}}), flush=True)
 
 if __name__ == "__main__":
     asyncio.run(main())
