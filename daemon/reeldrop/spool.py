@@ -330,8 +330,9 @@ def flatten_legacy(area: Path, file_mode: int) -> None:
     (in ``jobs/`` that move is the commit), then the directory goes. A crash in between is
     finished by the next start: writing the records again gives the same files.
     """
-    with os.scandir(area) as entries:
-        directories = sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+    with os.scandir(area) as entries:  # only job directories: anything else is left alone
+        directories = sorted(Path(e.path) for e in entries
+                             if _JOB_ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
     for directory in directories:
         job_id = directory.name
         names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
