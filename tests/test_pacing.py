@@ -16,8 +16,8 @@ import pytest
 from reeldrop.generation import Generation
 from reeldrop.jobs import Member
 from reeldrop.scheduler import FirstLook, Siblings, SubmitGate, kind_of
-from reeldrop.veo import VeoClient
 from reeldrop.simulator import SimConfig, Simulator
+from reeldrop.veo import VeoClient
 
 from .support import drop, finished, make_config, running, sidecars, until
 
@@ -192,3 +192,26 @@ async def test_an_old_operation_is_looked_at_when_a_younger_sibling_finishes(
         assert bool(done) == call_in
         old.cancel()
     assert sim.ops[ops[0]].polls == (2 if call_in else 1)
+
+
+async def test_a_called_in_operation_still_running_waits_its_own_time_before_the_next(
+        tmp_path: Path, sim: Simulator) -> None:
+    """When durations vary, a called-in operation may still be running. It then goes back to
+    its own schedule and is not called in again before its own next look: two young siblings
+    finishing one after the other cost the old, slow one a single extra poll, not two."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                         poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+        prompts = ("slow [latency=30]", "young [latency=0.2]", "younger [latency=0.6]")
+        ops = [await generation.create(Member(prompt=p, model=config.model, parameters={},
+                                              output=p.split()[0])) for p in prompts]
+        started = time.monotonic()
+        slow = asyncio.create_task(generation.wait(
+            ops[0], age_s=lambda: 100 + time.monotonic() - started, kind=kind))
+        await asyncio.wait_for(asyncio.gather(
+            *(generation.wait(op, kind=kind) for op in ops[1:])), 5)
+        await asyncio.sleep(0.1)
+        slow.cancel()
+    assert sim.ops[ops[0]].polls == 2  # its first look, and one call-in

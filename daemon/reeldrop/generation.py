@@ -86,11 +86,14 @@ class Generation:
         age = age_s or (lambda: time.monotonic() - started)
         born = time.monotonic() - age()  # when the operation started, on this clock
         siblings = self.config.poll_siblings and kind is not None
+        called_in = False  # the last wait was cut short by a sibling found done
 
         async def sleep(seconds: float) -> None:
-            if siblings:
-                await self.siblings.sleep(kind, born, seconds)
+            nonlocal called_in
+            if siblings and not called_in:  # called in and still running: own time first
+                called_in = await self.siblings.sleep(kind, born, seconds)
             else:
+                called_in = False
                 await asyncio.sleep(max(0.0, seconds))
 
         deadline_s = self.config.poll_deadline_s

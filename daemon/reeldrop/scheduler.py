@@ -149,25 +149,26 @@ class Siblings:
     """Operations waiting for their next look, by kind, so that one found done can call in
     the older ones of its kind at once (``poll_siblings``).
 
-    A waiter is called in at most once per wait: if it is not done after all, it goes back
-    to its own schedule, so a wrong guess costs one poll.
+    When durations vary, a called-in operation may still be running: it then waits its own
+    next look before it can be called in again, so call-ins at most double its polls.
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[Hashable, dict[asyncio.Future[None], float]] = {}
+        self._waiting: dict[Hashable, dict[asyncio.Future[bool], float]] = {}
 
-    async def sleep(self, kind: Hashable, born: float, seconds: float) -> None:
+    async def sleep(self, kind: Hashable, born: float, seconds: float) -> bool:
         """Wait ``seconds``, or less if an operation of ``kind`` younger than this one
-        (``born``: its start on the monotonic clock) is found done meanwhile."""
+        (``born``: its start on the monotonic clock) is found done meanwhile. True if it was
+        called in that way."""
         if seconds <= 0:
-            return
+            return False
         loop = asyncio.get_running_loop()
-        called = loop.create_future()
+        called: asyncio.Future[bool] = loop.create_future()
         waiting = self._waiting.setdefault(kind, {})
         waiting[called] = born
-        timer = loop.call_later(seconds, _wake, called)
+        timer = loop.call_later(seconds, _wake, called, False)
         try:
-            await called
+            return await called
         finally:
             timer.cancel()
             del waiting[called]
@@ -179,13 +180,13 @@ class Siblings:
         ones that started before it. Returns how many were called in."""
         called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born]
         for future in called:
-            _wake(future)
+            _wake(future, True)
         return len(called)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def _wake(future: asyncio.Future[bool], called_in: bool) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(called_in)
 
 
 class _Learned(msgspec.Struct, frozen=True, kw_only=True):
