@@ -80,7 +80,8 @@ class Generation:
 
         ``age_s`` tells the operation's age (it may predate this process); by default it is
         counted from this call. ``kind`` (``scheduler.kind_of``) lets the first look come
-        when operations like this one usually finish.
+        when operations like this one usually finish, and (``poll_siblings``) lets a younger
+        operation of the kind found done call this one in early (``scheduler.Siblings``).
         """
         started = time.monotonic()
         age = age_s or (lambda: time.monotonic() - started)
