@@ -40,9 +40,10 @@ async def run_cli(*args: str, env: dict[str, str] | None = None,
     return proc.returncode, out.decode(), err.decode()
 
 
-def test_the_daemon_never_imports_rich(tmp_path: Path) -> None:
+def test_the_daemon_never_imports_rich_or_the_simulator(tmp_path: Path) -> None:
     """A running `reeldrop run` has not loaded rich (structlog would import it just because it
-    is installed), so the service stays lean."""
+    is installed) nor the simulator (and aiohttp's server side with it, ~0.1 s of start-up),
+    so the service stays lean and starts fast."""
     probe = f"""
 import os, signal, sys, threading, time
 sys.argv = ["reeldrop", "run", "--inbox", {str(tmp_path / "in")!r},
@@ -50,7 +51,8 @@ sys.argv = ["reeldrop", "run", "--inbox", {str(tmp_path / "in")!r},
 def report():
     time.sleep(1.5)
     loaded = any(m is not None for n, m in sys.modules.items() if n.split(".")[0] == "rich")
-    print("reeldrop.daemon" in sys.modules, loaded, file=sys.stderr, flush=True)
+    print("reeldrop.daemon" in sys.modules, loaded, "reeldrop.simulator" in sys.modules,
+          file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
 threading.Thread(target=report, daemon=True).start()
 from reeldrop.cli import main
@@ -59,7 +61,7 @@ sys.exit(main())
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=60, check=False, env=cli_env())
     assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "True False", done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "True False False", done.stderr
 
 
 async def test_generate_without_a_terminal_prints_plain_lines(
