@@ -15,7 +15,7 @@ from .config import Config, load
 from .daemon import Daemon
 from .sidecar import Sidecar
 from .simulator import SimConfig, Simulator
-from .spool import read_members, stored_jobs
+from .spool_files import read_members, stored_jobs
 
 DEMO_TIMEOUT_S = 120.0
 

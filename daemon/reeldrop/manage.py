@@ -20,7 +20,7 @@ import msgspec
 from . import jobs, sidecar
 from .errors import InvalidJob
 from .sidecar import BATCH_SUFFIX, Sidecar
-from .spool import flatten_legacy, read_members, stored_jobs
+from .spool_files import flatten_legacy, read_members, stored_jobs
 from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")

@@ -1,0 +1,123 @@
+"""The spool's files: how a job's files are named, found and read back, and the upgrade from
+the older layout with a directory per job.
+
+Shared by the spool's recovery and by the commands that read the spool without running it
+(``reeldrop demo``, ``reeldrop retry``). A job's files in an area (``jobs/``, ``done/``,
+``failed/``) are ``<job_id>.NAME`` for the job file and ``<job_id>.member-NNNN.jsonl`` for
+each member's record; a job id never holds a dot, so the first dot ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import log, sidecar
+from .sidecar import Sidecar
+from .writer import atomic_write, fsync_dir
+
+MEMBER_PREFIX = "member-"
+RECORD_SUFFIX = ".jsonl"
+_JOB_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+_RECORD_NAME = re.compile(rf"{MEMBER_PREFIX}\d{{4}}\{RECORD_SUFFIX}")
+# The older layout's records inside a job directory: ``.jsonl`` logs, and before them
+# one-document ``.json`` files (read so that jobs in flight survive an upgrade).
+_LEGACY_RECORD = re.compile(rf"{MEMBER_PREFIX}(\d{{4}})\.jsonl?")
+
+
+def is_record(name: str) -> bool:
+    """A member record's name (after the job id). A job file is never one: it ends in
+    ``.prompt`` or ``.json``."""
+    return _RECORD_NAME.fullmatch(name) is not None
+
+
+def record_name(index: int) -> str:
+    return f"{MEMBER_PREFIX}{index:04d}{RECORD_SUFFIX}"
+
+
+@dataclass
+class StoredJob:
+    """A job's files in one area, by name after the job id."""
+
+    source: str | None = None
+    records: list[str] = field(default_factory=list)
+
+
+def stored_jobs(area: Path) -> dict[str, StoredJob]:
+    """The jobs whose files are in ``area``, by job id (one listing of the directory).
+
+    Names that do not start with a job id (temp files, anything put there by hand) and
+    directories (the older layout, see ``flatten_legacy``) are not jobs' files.
+    """
+    found: dict[str, StoredJob] = {}
+    with os.scandir(area) as entries:
+        for entry in entries:
+            job_id, dot, rest = entry.name.partition(".")
+            if not dot or not rest or not _JOB_ID.fullmatch(job_id) or entry.is_dir():
+                continue
+            job = found.setdefault(job_id, StoredJob())
+            if is_record(rest):
+                job.records.append(rest)
+            elif job.source is None or rest < job.source:
+                job.source = rest
+    for job in found.values():
+        job.records.sort()
+    return found
+
+
+def read_members(area: Path, job_id: str, records: list[str], *,
+                 repair: bool = False) -> list[Sidecar]:
+    """The current state of each recorded member of a job, in member order.
+
+    With ``repair`` (recovery, before anything appends), a record whose last line a crash cut
+    short is truncated back to its last complete line.
+    """
+    members = []
+    for name in sorted(records):
+        path = area / f"{job_id}.{name}"
+        if repair:
+            _cut_torn_tail(path)
+        member = sidecar.read_last(path)
+        if member is not None:
+            members.append(member)
+    return members
+
+
+def flatten_legacy(area: Path, file_mode: int) -> None:
+    """Move jobs of the older layout (``AREA/<job_id>/``) into the flat one, crash-safely.
+
+    Records first (each written anew as a one-line ``.jsonl``, durably), then the job file
+    (in ``jobs/`` that move is the commit), then the directory goes. A crash in between is
+    finished by the next start: writing the records again gives the same files.
+    """
+    with os.scandir(area) as entries:  # only job directories: anything else is left alone
+        directories = sorted(Path(e.path) for e in entries
+                             if _JOB_ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+    for directory in directories:
+        job_id = directory.name
+        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+        records = {m[1]: n for n in names if (m := _LEGACY_RECORD.fullmatch(n))}  # .jsonl wins
+        for index, name in records.items():
+            member = sidecar.read_last(directory / name)
+            if member is not None:
+                atomic_write(area / f"{job_id}.{record_name(int(index))}",
+                             sidecar.encode(member), file_mode)
+        for name in names:
+            if not _LEGACY_RECORD.fullmatch(name):  # the job file (there is only ever one)
+                os.rename(directory / name, area / f"{job_id}.{name}")
+                fsync_dir(area)
+        for name in os.listdir(directory):
+            (directory / name).unlink()
+        directory.rmdir()
+        log.get().info("spool.flattened", job_id=job_id, area=area.name)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            log.get().warning("spool.torn_record_cut", record=str(path))
+            f.truncate(data.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
