@@ -129,7 +129,7 @@ def test_an_archive_cut_short_is_finished_and_the_job_not_run_again(tmp_path: Pa
     not take the job up again."""
     config, spool, run, member = claimed_job(tmp_path, "one.prompt")
     spool.record(run, member.moved("succeeded"))
-    os.rename(run.source_path, spool.done / f"{run.job_id}.one.prompt")  # the crash came here
+    os.rename(run.path(run.source), spool.done / f"{run.job_id}.one.prompt")  # the crash came here
     assert restarted_spool(config).recover() == []
     assert sorted(os.listdir(spool.done)) == [
         f"{run.job_id}.member-0001.jsonl", f"{run.job_id}.one.prompt"]
@@ -218,7 +218,7 @@ def test_a_spool_of_the_older_layout_is_flattened_and_its_jobs_resume(tmp_path: 
     spool.record(run, member.moved("submitting", attempts=1))
     older = spool.jobs / run.job_id  # the same job as an older version kept it
     older.mkdir()
-    os.rename(run.source_path, older / "old.prompt")
+    os.rename(run.path(run.source), older / "old.prompt")
     os.unlink(run.path("member-0001.jsonl"))
     generating = run.members[0].moved("generating", operation="models/m/operations/old")
     (older / "member-0001.json").write_bytes(msgspec.json.encode(generating) + b"\n")

@@ -20,7 +20,7 @@ import msgspec
 from . import jobs, sidecar
 from .errors import InvalidJob
 from .sidecar import BATCH_SUFFIX, Sidecar
-from .spool_files import flatten_legacy, read_members, stored_jobs
+from .spool_files import StoredJob, flatten_legacy, read_members, stored_jobs
 from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")
@@ -97,9 +97,10 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool,
     moved: list[str] = []
     failed_area = spool / "failed"
     wanted = set(names)
+    stored: dict[str, StoredJob] = {}
     if failed_area.is_dir():
         flatten_legacy(failed_area, file_mode)  # jobs an older version failed
-    stored = stored_jobs(failed_area) if failed_area.is_dir() else {}
+        stored = stored_jobs(failed_area)
     for job_id, job in sorted(stored.items()):
         if job.source is None:
             continue

@@ -63,10 +63,6 @@ class JobRun:
         return os.path.join(self.area, f"{self.job_id}.{name}")
 
     @property
-    def source_path(self) -> Path:
-        return Path(self.path(self.source))
-
-    @property
     def is_batch(self) -> bool:
         """A job file holding a list of jobs (its members carry the file's stem as ``batch``)."""
         return bool(self.members) and self.members[0].batch is not None
