@@ -62,8 +62,6 @@ def stored_jobs(area: Path) -> dict[str, StoredJob]:
                 job.records.append(rest)
             elif job.source is None or rest < job.source:
                 job.source = rest
-    for job in found.values():
-        job.records.sort()
     return found
 
 
