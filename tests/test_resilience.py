@@ -123,6 +123,18 @@ def test_recovery_cleans_what_a_crash_leaves(tmp_path: Path) -> None:
     assert list(spool.outbox.iterdir()) == []
 
 
+def test_a_claimed_link_to_a_directory_is_still_a_job_after_a_restart(tmp_path: Path) -> None:
+    """A symlink is claimed like any file (and then refused, not followed). Claimed before a
+    crash, it is found again as a job at restart, not skipped as a directory of the older
+    layout and left in jobs/ for ever."""
+    spool = Spool(tmp_path / "in" / ".reeldrop", tmp_path / "in", tmp_path / "out", 0o640, 0o750)
+    spool.prepare()
+    (tmp_path / "folder").mkdir()
+    job_id = "20261101T000000Z-0000000c"
+    (spool.jobs / f"{job_id}.link.json").symlink_to(tmp_path / "folder")
+    assert [(r.job_id, r.source) for r in spool.recover()] == [(job_id, "link.json")]
+
+
 def test_an_archive_cut_short_is_finished_and_the_job_not_run_again(tmp_path: Path) -> None:
     """A finished job's file moves to done/ first, then its records. A crash between the two
     leaves a record in jobs/ without its file: recovery moves it on after the file and does

@@ -55,7 +55,8 @@ def stored_jobs(area: Path) -> dict[str, StoredJob]:
     with os.scandir(area) as entries:
         for entry in entries:
             job_id, dot, rest = entry.name.partition(".")
-            if not dot or not rest or not _JOB_ID.fullmatch(job_id) or entry.is_dir():
+            if not dot or not rest or not _JOB_ID.fullmatch(job_id) or entry.is_dir(
+                    follow_symlinks=False):
                 continue
             job = found.setdefault(job_id, StoredJob())
             if is_record(rest):
