@@ -215,3 +215,61 @@ async def test_a_called_in_operation_still_running_waits_its_own_time_before_the
         await asyncio.sleep(0.1)
         slow.cancel()
     assert sim.ops[ops[0]].polls == 2  # its first look, and one call-in
+
+
+@pytest.mark.parametrize("skips", [3, 0])
+async def test_a_cold_kinds_younger_operations_skip_looks_while_an_older_one_runs(
+        tmp_path: Path, sim: Simulator, skips: int) -> None:
+    """Nothing learned yet: one operation starts 0.3 s before four others of its kind, all
+    taking 1 s, each looked at every 50 ms. With poll_cold_skips 3 the younger ones poll
+    less than half as often as the old one (its looks stand in for theirs), and every one is
+    still noticed within 0.3 s of finishing; with 0 they poll nearly as often as it does."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                         poll_fraction=0.01, poll_jitter=0.0, poll_cold_skips=skips)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+
+        async def one(name: str) -> tuple[str, float]:
+            op = await generation.create(Member(prompt=f"{name} [latency=1]",
+                                                model=config.model, parameters={}, output=name))
+            await generation.wait(op, kind=kind)
+            return op, time.time()
+
+        old = asyncio.create_task(one("old"))
+        await asyncio.sleep(0.3)
+        noticed = dict(await asyncio.gather(*(one(f"young{i}") for i in range(4))))
+        noticed.update([await old])
+    polls = {op: sim.ops[op].polls for op in noticed}
+    old_polls = polls[next(op for op in noticed if sim.ops[op].prompt.startswith("old"))]
+    young = [n for op, n in polls.items() if not sim.ops[op].prompt.startswith("old")]
+    if skips:
+        assert sum(young) / len(young) <= 0.5 * old_polls, polls
+    else:
+        assert sum(young) / len(young) >= 0.7 * old_polls, polls
+    for op, at in noticed.items():
+        done_at = sim.ops[op].done_at
+        assert done_at is not None and at - done_at < 0.3, (sim.ops[op].prompt, at - done_at)
+
+
+async def test_a_cold_operation_finishing_before_an_older_sibling_is_noticed_in_time(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Likeness can fail: the older operation runs 30 s, a younger one of its kind 0.6 s. The
+    younger one skips at most three looks in a row on the older one's word, so it is noticed
+    within four of its 50 ms intervals of finishing, not when the older one finishes."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                         poll_fraction=0.01, poll_jitter=0.0, poll_cold_skips=3)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+        ops = [await generation.create(Member(prompt=p, model=config.model, parameters={},
+                                              output=p.split()[0]))
+               for p in ("slow [latency=30]", "quick [latency=0.6]")]
+        slow = asyncio.create_task(generation.wait(ops[0], kind=kind))
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(generation.wait(ops[1], kind=kind), 5)
+        noticed = time.time()
+        slow.cancel()
+    done_at = sim.ops[ops[1]].done_at
+    assert done_at is not None and noticed - done_at < 0.4, noticed - done_at
+    assert sim.ops[ops[1]].polls <= 6, sim.ops[ops[1]].polls  # ~12 looks, most skipped

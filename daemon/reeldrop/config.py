@@ -107,6 +107,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     poll_jitter: Annotated[float, Meta(ge=0, lt=1)] = 0.1
     poll_deadline_s: Positive = 1200.0
     poll_siblings: bool = True  # one found done calls in the older ones of its kind
+    poll_cold_skips: Annotated[int, Meta(ge=0)] = 3  # looks a younger sibling may skip, cold
     # Retries: tries per phase, and the exponential backoff between them
     create_tries: Count = 8
     poll_error_tries: Count = 10

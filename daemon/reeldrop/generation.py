@@ -18,8 +18,8 @@ from . import retry
 from .config import Config
 from .errors import APIError, GenerationFailed, GenerationTimeout
 from .jobs import Member
-from .scheduler import FirstLook, Siblings, SubmitGate, poll_delay
-from .veo import VeoClient, video_uris
+from .scheduler import FirstLook, Siblings, SubmitGate, poll_delay, poll_interval
+from .veo import Operation, VeoClient, video_uris
 from .writer import Progress, VideoFile, download_video
 
 
@@ -81,7 +81,9 @@ class Generation:
         ``age_s`` tells the operation's age (it may predate this process); by default it is
         counted from this call. ``kind`` (``scheduler.kind_of``) lets the first look come
         when operations like this one usually finish, and (``poll_siblings``) lets a younger
-        operation of the kind found done call this one in early (``scheduler.Siblings``).
+        operation of the kind found done call this one in early (``scheduler.Siblings``), and
+        while the kind is cold, an older one just seen running stand in for some of this
+        one's looks (``poll_cold_skips``).
         """
         started = time.monotonic()
         age = age_s or (lambda: time.monotonic() - started)
@@ -100,36 +102,51 @@ class Generation:
         deadline_s = self.config.poll_deadline_s
         await sleep(self.first_look.wait_s(kind, self.config) - age())
         running_at = 0.0  # the operation's age at the last look that found it running
+        skipped = 0  # looks skipped in a row on an older sibling's word (cold kinds)
         while True:
             looked_at = age()
-            try:
-                op = await retry.call(
-                    lambda: self.client.poll(operation), tries=self.config.poll_error_tries,
-                    base_s=self.config.retry_base_s, cap_s=self.config.retry_cap_s, phase="poll")
-            except APIError as e:
-                if e.status == 404:
-                    raise GenerationFailed(
-                        f"The service no longer knows operation {operation} (404); operations "
-                        "and their videos are kept for 2 days.") from None
-                raise
-            if op.done:
-                self.first_look.finished(kind, running_at)
-                if siblings:  # the older ones of its kind have most likely finished too
-                    self.siblings.finished(kind, born)
-                return video_uris(op)
-            running_at = looked_at
+            interval = poll_interval(looked_at, self.config)
+            if (siblings and not called_in and skipped < self.config.poll_cold_skips
+                    and not self.first_look.knows(kind)
+                    and self.siblings.vouched(kind, born, 2 * interval)):
+                skipped += 1  # an older one of its kind was just seen running: so is this one
+            else:
+                skipped = 0
+                op = await self._look(operation)
+                if op.done:
+                    self.first_look.finished(kind, running_at)
+                    if siblings:  # the older ones of its kind have most likely finished too
+                        self.siblings.finished(kind, born)
+                    return video_uris(op)
+                running_at = looked_at
+                if siblings:
+                    self.siblings.seen_running(kind, born, interval)
+                elapsed = age()
+                if on_poll is not None:
+                    on_poll(elapsed)
+                if elapsed > deadline_s:
+                    raise GenerationTimeout(
+                        f"The operation did not finish within {deadline_s:g} s "
+                        f"(poll_deadline_s); it may still finish on the service as {operation}.")
             elapsed = age()
-            if on_poll is not None:
-                on_poll(elapsed)
-            if elapsed > deadline_s:
-                raise GenerationTimeout(
-                    f"The operation did not finish within {deadline_s:g} s (poll_deadline_s); "
-                    f"it may still finish on the service as {operation}.")
             # Operations started before their kind's time was learned (a cold start's first
             # round) skip ahead to it as soon as it is.
             wait = max(poll_delay(elapsed, self.config),
                        self.first_look.wait_s(kind, self.config) - elapsed)
             await sleep(min(wait, deadline_s - elapsed + 0.01))
+
+    async def _look(self, operation: str) -> Operation:
+        """One poll, with retries for transient errors; a 404 means the operation is gone."""
+        try:
+            return await retry.call(
+                lambda: self.client.poll(operation), tries=self.config.poll_error_tries,
+                base_s=self.config.retry_base_s, cap_s=self.config.retry_cap_s, phase="poll")
+        except APIError as e:
+            if e.status == 404:
+                raise GenerationFailed(
+                    f"The service no longer knows operation {operation} (404); operations "
+                    "and their videos are kept for 2 days.") from None
+            raise
 
     async def download(
         self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None,

@@ -21,6 +21,12 @@ The same likeness cuts the lag: an operation found done calls in every older one
 kind that is waiting for its next look (``Siblings``). Those have run longer than it needed,
 so most are done too; a batch of jobs is then noticed at the first look that finds any of
 them done, not each at its own next look.
+
+Likeness also works the other way while a kind is still cold (nothing learned yet): an older
+operation just seen running says the younger ones are most likely running too. A younger one
+then skips its look, at most ``poll_cold_skips`` times in a row (``Siblings.vouched``), so a
+cold batch of N jobs does not poll N times as often as one job would, and one that finishes
+before an older sibling is still noticed within ``poll_cold_skips + 1`` of its intervals.
 """
 
 from __future__ import annotations
@@ -82,11 +88,15 @@ class SubmitGate:
         self.rate = min(self.limit, self.rate * RECOVERY + 1)
 
 
+def poll_interval(elapsed_s: float, config: Config) -> float:
+    """The schedule's interval, before jitter, for an operation that has run ``elapsed_s``."""
+    return min(config.poll_max_s, max(config.poll_min_s, elapsed_s * config.poll_fraction))
+
+
 def poll_delay(elapsed_s: float, config: Config, rng: random.Random | None = None) -> float:
     """Seconds to wait before the next poll of an operation that has run ``elapsed_s``."""
-    base = min(config.poll_max_s, max(config.poll_min_s, elapsed_s * config.poll_fraction))
     spread = (rng or random).uniform(-config.poll_jitter, config.poll_jitter)
-    return max(0.0, base * (1 + spread))
+    return max(0.0, poll_interval(elapsed_s, config) * (1 + spread))
 
 
 def kind_of(model: str, parameters: dict[str, Any]) -> Hashable:
@@ -144,6 +154,10 @@ class FirstLook:
         self._bounds.setdefault(kind, collections.deque(maxlen=self.WINDOW)).append(running_at_s)
         self.changed = True
 
+    def knows(self, kind: Hashable) -> bool:
+        """Whether anything was learned about ``kind`` (else it is cold)."""
+        return kind in self._bounds
+
 
 class Siblings:
     """Operations waiting for their next look, by kind, so that one found done can call in
@@ -151,10 +165,14 @@ class Siblings:
 
     When durations vary, a called-in operation may still be running: it then waits its own
     next look before it can be called in again, so call-ins at most double its polls.
+
+    It also keeps, per kind, the oldest operation lately seen running (the lead), which
+    vouches for the younger ones while the kind is cold (``vouched``).
     """
 
     def __init__(self) -> None:
         self._waiting: dict[Hashable, dict[asyncio.Future[bool], float]] = {}
+        self._lead: dict[Hashable, tuple[float, float]] = {}  # kind: (born, seen running at)
 
     async def sleep(self, kind: Hashable, born: float, seconds: float) -> bool:
         """Wait ``seconds``, or less if an operation of ``kind`` younger than this one
@@ -182,6 +200,23 @@ class Siblings:
         for future in called:
             _wake(future, True)
         return len(called)
+
+    def seen_running(self, kind: Hashable, born: float, interval_s: float) -> None:
+        """An operation of ``kind`` started at ``born`` was just seen running. It becomes the
+        lead if it is older than the lead, or if the lead has not been seen for an interval
+        (it finished or failed)."""
+        now = time.monotonic()
+        lead = self._lead.get(kind)
+        if lead is None or born <= lead[0] or lead[1] < now - interval_s:
+            self._lead[kind] = (born, now)
+
+    def vouched(self, kind: Hashable, born: float, within_s: float) -> bool:
+        """Whether an older operation of ``kind`` was seen running in the last ``within_s``:
+        an operation started at ``born`` is then most likely running too. (The caller passes
+        two of its own intervals: the older one's looks come at its longer interval, plus
+        jitter and the time a poll takes.)"""
+        lead = self._lead.get(kind)
+        return lead is not None and lead[0] < born and lead[1] >= time.monotonic() - within_s
 
 
 def _wake(future: asyncio.Future[bool], called_in: bool) -> None:
