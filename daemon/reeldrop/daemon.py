@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
-from . import log, watcher
+from . import blocking, log, watcher
 from .config import Config
 from .intake import Intake
 from .notify import Notifier
@@ -134,6 +134,7 @@ class Daemon:
             task.cancel()
         if self.runner.settling:  # final writes already started: let them land
             await asyncio.wait(list(self.runner.settling), timeout=10)
+        await blocking.drain()  # and any other file call a cancelled task left running
         log.get().info("daemon.stopped", in_flight=self.counts["busy"],
                        interrupted=interrupted, queued=self.queue.qsize(),
                        done=self.counts["done"], failed=self.counts["failed"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from . import jobs
+from . import blocking, jobs
 from .config import Config, load
 from .errors import ErrorInfo, ReeldropError
 from .generation import Generation
@@ -123,6 +123,7 @@ class VeoVideoGenerator:
         if self._session is not None:
             await self._session.close()
         self._session = self._generation = None
+        await blocking.drain()  # a cancelled download's last file call lands before we return
 
     def request(self, prompt_or_request: PromptOrRequest, output: str | None = None) -> jobs.Member:
         """Validate like a ``.json`` job (raises InvalidJob) and resolve the defaults."""

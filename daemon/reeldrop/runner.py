@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import log
+from . import blocking, log
 from .config import Config
 from .errors import GenerationFailed, OutputError, ReeldropError, describe
 from .generation import Generation
@@ -89,7 +89,7 @@ class Runner:
         except Exception as e:  # a bug must fail this job, not the daemon
             logger.exception("job.internal_error")
             member = run.members[index - 1].moved("failed", error=describe(e))
-        settling = asyncio.ensure_future(asyncio.to_thread(self._settle, run, member))
+        settling = blocking.run(self._settle, run, member)
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
         settling.add_done_callback(lambda done: self._finished(done, member, started))

@@ -25,8 +25,8 @@ only cut the last line short, and recovery cuts that torn tail off before anythi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import threading
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import log, sidecar
+from . import blocking, log, sidecar
 from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
 from .spool_files import flatten_legacy, read_members, record_name, stored_jobs
@@ -179,11 +179,11 @@ class Spool:
 
     async def update(self, run: JobRun, member: Sidecar, *, durable: bool = True) -> None:
         """Record a member's new state in memory and on disk (off the event loop)."""
-        await asyncio.to_thread(self.record, run, member, durable=durable)
+        await blocking.run(functools.partial(self.record, run, member, durable=durable))
 
     async def show(self, member: Sidecar) -> None:
         """Publish a state that needs no record (downloading: a restart polls again)."""
-        await asyncio.to_thread(self.publish, member)
+        await blocking.run(self.publish, member)
 
     def _write_batch(self, run: JobRun) -> None:
         """``outbox/STEM.batch.json`` for an array job, from the members' current states."""

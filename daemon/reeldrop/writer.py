@@ -8,7 +8,6 @@ their public name only by rename. Nothing here follows a symlink planted by some
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -24,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from . import blocking
 from .errors import DownloadError, OutputError
 from .veo import VeoClient
 
@@ -171,7 +171,7 @@ async def download_video(
         resp.release()
     if expected is not None and size != expected:
         raise DownloadError(f"The download ended at {size} of {expected} bytes.")
-    await asyncio.to_thread(_publish, partial, final, mode)
+    await blocking.run(_publish, partial, final, mode)
     return VideoFile(file=final.name, bytes=size, sha256=digest.hexdigest())
 
 
@@ -218,7 +218,7 @@ async def _receive(
     resumed = offset > 0 and resp.status == 206 and resp.headers.get(
         "Content-Range", "").startswith(f"bytes {offset}-")
     if resumed:
-        digest, offset = await asyncio.to_thread(_hash_existing, partial)
+        digest, offset = await blocking.run(_hash_existing, partial)
     else:
         digest, offset = hashlib.sha256(), 0
     length = resp.headers.get("Content-Length")
@@ -226,7 +226,7 @@ async def _receive(
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     flags |= os.O_APPEND if resumed else os.O_TRUNC
     try:  # in a thread: creating a file can stall on a busy disk, and so would the loop
-        fd = await asyncio.to_thread(_open_partial, partial, flags, mode, parent_mode)
+        fd = await blocking.run(_open_partial, partial, flags, mode, parent_mode)
     except OSError as e:
         raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
     size = offset

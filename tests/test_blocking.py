@@ -1,0 +1,77 @@
+"""The worker threads for blocking file calls: results, errors and context come back, calls
+overlap, none is ever left without a thread, and drain() waits for abandoned ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+
+import pytest
+
+from reeldrop import blocking
+
+JOB = contextvars.ContextVar("job", default="none")
+
+
+def _boom() -> None:
+    raise PermissionError("denied")
+
+
+async def test_results_errors_and_the_callers_context_come_back() -> None:
+    """A call returns its value, raises its own exception in the caller, and sees the
+    caller's context variables (log fields follow a job into its file calls)."""
+    JOB.set("job-7")
+    assert await blocking.run(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(PermissionError, match="denied"):
+        await blocking.run(_boom)
+    assert await blocking.run(JOB.get) == "job-7"
+
+
+async def test_calls_overlap_and_more_calls_than_threads_all_finish() -> None:
+    """MAX_THREADS calls run at the same time (each waits until all have started, as fsyncs on
+    a slow disk would overlap); calls beyond that wait for a thread and all finish."""
+    started = threading.Barrier(blocking.MAX_THREADS, timeout=5)
+    together = [blocking.run(started.wait) for _ in range(blocking.MAX_THREADS)]
+    later = [blocking.run(lambda i=i: i * i) for i in range(50)]
+    await asyncio.wait_for(asyncio.gather(*together), 10)
+    assert await asyncio.wait_for(asyncio.gather(*later), 10) == [i * i for i in range(50)]
+
+
+async def test_threads_leave_when_idle_and_calls_after_that_still_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst larger than the pool (calls queued for busy threads), every thread leaves
+    once idle; the next calls start new threads instead of waiting on a queue nobody reads."""
+    monkeypatch.setattr(blocking, "IDLE_S", 0.05)
+    gate = threading.Event()
+    burst = [blocking.run(gate.wait, 5) for _ in range(3 * blocking.MAX_THREADS)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*burst), 10)
+    for _ in range(100):
+        if blocking._workers.threads == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert blocking._workers.threads == 0
+    for i in range(3):  # one at a time: no later call may rescue an earlier one
+        assert await asyncio.wait_for(blocking.run(abs, -i), 5) == i
+
+
+async def test_drain_waits_for_a_call_whose_caller_was_cancelled() -> None:
+    """Cancelling the awaiting task does not stop a call already running (as with
+    asyncio.to_thread); drain() returns only once it has finished."""
+    gate, finished = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        gate.wait(5)
+        finished.set()
+
+    task = asyncio.ensure_future(blocking.run(slow))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    draining = asyncio.create_task(blocking.drain())
+    await asyncio.sleep(0.1)
+    assert not draining.done()
+    gate.set()
+    await asyncio.wait_for(draining, 5)
+    assert finished.is_set()
