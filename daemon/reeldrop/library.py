@@ -113,7 +113,8 @@ class VeoVideoGenerator:
 
     async def __aenter__(self) -> VeoVideoGenerator:
         connector = aiohttp.TCPConnector(limit=self.config.concurrency * 2 + 4)
-        self._session = aiohttp.ClientSession(connector=connector)
+        self._session = aiohttp.ClientSession(connector=connector,
+                                              cookie_jar=aiohttp.DummyCookieJar())
         gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
         self._generation = Generation(VeoClient(self._session, self.config), gate, self.config)
         return self
