@@ -64,11 +64,11 @@ def env_with_key(env: dict[str, str]) -> dict[str, str]:
 
 
 async def start_with_jobs(tmp_path: Path, sim: Simulator, env: dict[str, str],
-                          count: int) -> asyncio.subprocess.Process:
+                          count: int, *flags: str) -> asyncio.subprocess.Process:
     """Drop ``count`` jobs, start a daemon, and return once all of them were submitted."""
     for i in range(count):
         drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
-    proc = await spawn(daemon_args(tmp_path, sim.base_url), env, tmp_path / "log")
+    proc = await spawn(daemon_args(tmp_path, sim.base_url, *flags), env, tmp_path / "log")
     await until(lambda: sim.stats["submissions"] == count, what=f"{count} submissions")
     return proc
 
@@ -101,18 +101,23 @@ async def test_notify_ready_status_watchdog_and_stopping(
     assert messages.index("READY=1") < messages.index("STOPPING=1")
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
 async def test_sigterm_exits_cleanly_and_a_restart_finishes_every_job(
-        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
-    """SIGTERM mid-generation: exit 0 within the grace, jobs stay claimed, restart ends them."""
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str], event_loop: str) -> None:
+    """SIGTERM mid-generation: exit 0 within the grace, jobs stay claimed, restart ends them.
+    On uvloop (auto, where it is installed) and on asyncio's own loop alike."""
     env = env_with_key(daemon_env)
-    proc = await start_with_jobs(tmp_path, sim, env, 5)
+    proc = await start_with_jobs(tmp_path, sim, env, 5, "--event-loop", event_loop)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert await wait_exit(proc) == 0
     assert time.monotonic() - started < 5
     assert any(d.state == "generating" for d in sidecars(tmp_path / "outbox").values())
-    stopped = [msgspec.json.decode(line) for line in (tmp_path / "log").read_bytes().splitlines()
-               if b"daemon.stopped" in line]
+    lines = [msgspec.json.decode(line) for line in (tmp_path / "log").read_bytes().splitlines()
+             if line.startswith(b"{")]
+    started_on = [ln["event_loop"] for ln in lines if ln["event"] == "daemon.started"]
+    assert started_on == ["asyncio" if event_loop == "asyncio" else "uvloop"]
+    stopped = [ln for ln in lines if ln["event"] == "daemon.stopped"]
     assert stopped and stopped[0]["in_flight"] == 5
     await finish_in_new_daemon(tmp_path, sim.base_url, env, 5)
     assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}

@@ -59,6 +59,7 @@ RUN_HELP = {
     "api_key_file": "file holding the API key (or set GEMINI_API_KEY)",
     "poll": "watch the inbox by polling (for network filesystems)",
     "log_format": "auto (JSON unless on a terminal), json or console",
+    "event_loop": "auto (uvloop when installed), asyncio or uvloop",
 }
 
 

@@ -135,6 +135,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     dir_mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o750
     shutdown_grace_s: NonNegative = 20.0
     resubmit_unconfirmed: bool = True
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # auto: uvloop if installed
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     models: dict[str, ModelCaps] = msgspec.field(default_factory=dict)
