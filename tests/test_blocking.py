@@ -1,11 +1,14 @@
 """The worker threads for blocking file calls: results, errors and context come back, calls
-overlap, none is ever left without a thread, and drain() waits for abandoned ones."""
+overlap, none is ever left without a thread, drain() waits for abandoned ones, and a closed
+loop is not kept alive."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -69,9 +72,25 @@ async def test_drain_waits_for_a_call_whose_caller_was_cancelled() -> None:
     task = asyncio.ensure_future(blocking.run(slow))
     await asyncio.sleep(0.05)
     task.cancel()
-    draining = asyncio.create_task(blocking.drain())
+    draining = [asyncio.create_task(blocking.drain()) for _ in range(2)]
     await asyncio.sleep(0.1)
-    assert not draining.done()
+    assert not any(d.done() for d in draining)
     gate.set()
-    await asyncio.wait_for(draining, 5)
+    await asyncio.wait_for(asyncio.gather(*draining), 5)
     assert finished.is_set()
+
+
+def test_a_closed_loop_is_not_kept_alive() -> None:
+    """The workers are shared by every loop; one that has run calls and closed is freed (the
+    test suite alone starts hundreds of loops)."""
+    loop = asyncio.new_event_loop()
+
+    async def calls() -> None:
+        await asyncio.gather(*(blocking.run(abs, -i) for i in range(10)))
+
+    loop.run_until_complete(calls())
+    loop.close()
+    ref = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert ref() is None

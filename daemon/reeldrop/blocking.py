@@ -39,7 +39,7 @@ class _Results:
     """One loop's finished calls, handed over in batches."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # weak: this is the value of a weak-keyed map by loop
         self.lock = threading.Lock()
         self.done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self.wake_pending = False
@@ -53,8 +53,10 @@ class _Results:
             if self.wake_pending:
                 return
             self.wake_pending = True
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self.loop.call_soon_threadsafe(self.deliver)
+        loop = self.loop()
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(self.deliver)
 
     def deliver(self) -> None:
         with self.lock:
@@ -91,10 +93,12 @@ class _Workers:
                 self.calls.put(call)
                 return
             self.threads += 1
-        threading.Thread(target=self._work, args=(call,), name="reeldrop-blocking",
+        # In a list the thread empties: a Thread keeps its args until it ends.
+        threading.Thread(target=self._work, args=([call],), name="reeldrop-blocking",
                          daemon=True).start()
 
-    def _work(self, call: _Call) -> None:
+    def _work(self, first: list[_Call]) -> None:
+        call = first.pop()
         while True:
             results, future, context, fn, args = call
             try:
@@ -140,7 +144,9 @@ def run(fn: Callable[..., T], /, *args: Any) -> asyncio.Future[T]:
 
 async def drain() -> None:
     """Wait until every call this loop started has finished (the results are delivered)."""
-    results = _results_of(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    results = _results_of(loop)
     if results.running:
-        results.idle = results.loop.create_future()
+        if results.idle is None or results.idle.done():
+            results.idle = loop.create_future()
         await asyncio.shield(results.idle)
