@@ -273,3 +273,19 @@ async def test_a_cold_operation_finishing_before_an_older_sibling_is_noticed_in_
     done_at = sim.ops[ops[1]].done_at
     assert done_at is not None and noticed - done_at < 0.4, noticed - done_at
     assert sim.ops[ops[1]].polls <= 6, sim.ops[ops[1]].polls  # ~12 looks, most skipped
+
+
+async def test_a_done_operation_also_calls_in_siblings_younger_than_its_last_gap() -> None:
+    """Found done 2 s after it was last seen running, an operation calls in the siblings
+    started up to 2 s after it (they have run longer than it was known to run), not one
+    started 5 s after it."""
+    siblings = Siblings()
+    kind = kind_of("m", {"duration_seconds": 8})
+    older, near, far = (asyncio.create_task(siblings.sleep(kind, born, 60))
+                        for born in (10.0, 21.5, 25.0))
+    await asyncio.sleep(0)
+    assert siblings.finished(kind, 20.0, reach_s=2.0) == 2
+    await asyncio.wait_for(asyncio.gather(older, near), 1)
+    assert not far.done()
+    far.cancel()
+    await asyncio.gather(far, return_exceptions=True)

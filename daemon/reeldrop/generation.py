@@ -116,7 +116,7 @@ class Generation:
                 if op.done:
                     self.first_look.finished(kind, running_at)
                     if siblings:  # the older ones of its kind have most likely finished too
-                        self.siblings.finished(kind, born)
+                        self.siblings.finished(kind, born, min(looked_at - running_at, interval))
                     return video_uris(op)
                 running_at = looked_at
                 if siblings:

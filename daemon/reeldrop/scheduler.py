@@ -18,7 +18,7 @@ duration) take similar times, so the first look at a new one is put off to the t
 nearly every recent one of its kind was still running (see ``FirstLook``).
 
 The same likeness cuts the lag: an operation found done calls in every older one of its
-kind that is waiting for its next look (``Siblings``). Those have run longer than it needed,
+kind that is waiting for its next look, and the slightly younger ones (``Siblings``). Those have run longer than it needed,
 so most are done too; a batch of jobs is then noticed at the first look that finds any of
 them done, not each at its own next look.
 
@@ -193,10 +193,16 @@ class Siblings:
             if not waiting:
                 del self._waiting[kind]
 
-    def finished(self, kind: Hashable, born: float) -> int:
+    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0) -> int:
         """An operation of ``kind`` started at ``born`` was found done: call in the waiting
-        ones that started before it. Returns how many were called in."""
-        called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born]
+        ones that started before it, or at most ``reach_s`` after it. Returns how many were
+        called in.
+
+        The caller passes the time between its last look that found it running and the one
+        that found it done (at most one poll interval): a sibling younger by less than that
+        has run longer than the finished one was known to be running, so it may well be done
+        too (a batch dropped together is then noticed at once, not each at its own look)."""
+        called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born + reach_s]
         for future in called:
             _wake(future, True)
         return len(called)
