@@ -116,7 +116,8 @@ class Generation:
                 if op.done:
                     self.first_look.finished(kind, running_at)
                     if siblings:  # the older ones of its kind have most likely finished too
-                        self.siblings.finished(kind, born, min(looked_at - running_at, interval))
+                        reach = min(looked_at - running_at, interval) / 2
+                        self.siblings.finished(kind, born, reach)
                     return video_uris(op)
                 running_at = looked_at
                 if siblings:
