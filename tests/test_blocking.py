@@ -8,11 +8,18 @@ import asyncio
 import contextvars
 import gc
 import threading
+import time
 import weakref
+from pathlib import Path
 
 import pytest
+import structlog
 
 from reeldrop import blocking
+from reeldrop import daemon as daemon_mod
+from reeldrop.simulator import Simulator
+
+from .support import make_config, running
 
 JOB = contextvars.ContextVar("job", default="none")
 
@@ -94,3 +101,21 @@ def test_a_closed_loop_is_not_kept_alive() -> None:
     del loop
     gc.collect()
     assert ref() is None
+
+
+async def test_shutdown_waits_for_file_calls_but_not_forever_on_a_hung_disk(
+        tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon lets file calls still running finish before it exits; one that hangs (a
+    dead network disk) holds the exit up for DRAIN_S at most, with an error in the log."""
+    monkeypatch.setattr(daemon_mod, "DRAIN_S", 0.3)
+    hung = threading.Event()
+    config = make_config(tmp_path, sim.base_url)
+    with structlog.testing.capture_logs() as logs:
+        async with running(config):
+            stuck = blocking.run(hung.wait, 10)
+            stopping = time.monotonic()
+        waited = time.monotonic() - stopping
+    hung.set()
+    await asyncio.wait_for(stuck, 5)
+    assert 0.3 <= waited < 3, waited
+    assert [e for e in logs if e["event"] == "daemon.file_calls_unfinished"]

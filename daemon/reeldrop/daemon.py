@@ -41,6 +41,7 @@ INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work 
 BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
 LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each kind finish
 LEARNED_SAVE_S = 60.0  # how often what was learned is saved (and at shutdown)
+DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
 
 
 class Daemon:
@@ -139,7 +140,10 @@ class Daemon:
             task.cancel()
         if self.runner.settling:  # final writes already started: let them land
             await asyncio.wait(list(self.runner.settling), timeout=10)
-        await blocking.drain()  # and any other file call a cancelled task left running
+        try:  # and any other file call a cancelled task left running (a hung disk: give up)
+            await asyncio.wait_for(blocking.drain(), DRAIN_S)
+        except TimeoutError:
+            log.get().error("daemon.file_calls_unfinished", waited_s=DRAIN_S)
         log.get().info("daemon.stopped", in_flight=self.counts["busy"],
                        interrupted=interrupted, queued=self.queue.qsize(),
                        done=self.counts["done"], failed=self.counts["failed"])
