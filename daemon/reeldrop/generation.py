@@ -114,9 +114,11 @@ class Generation:
                 skipped = 0
                 op = await self._look(operation)
                 if op.done:
+                    cold = not self.first_look.knows(kind)
                     self.first_look.finished(kind, running_at)
-                    if siblings:  # the older ones of its kind have most likely finished too
-                        reach = min(looked_at - running_at, interval) / 2
+                    if siblings:  # the older ones of its kind have most likely finished too,
+                        # and on a cold kind the younger ones it stood in for (cold skips)
+                        reach = min(looked_at - running_at, interval) / 2 if cold else 0.0
                         self.siblings.finished(kind, born, reach)
                     return video_uris(op)
                 running_at = looked_at

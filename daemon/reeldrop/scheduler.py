@@ -18,9 +18,10 @@ duration) take similar times, so the first look at a new one is put off to the t
 nearly every recent one of its kind was still running (see ``FirstLook``).
 
 The same likeness cuts the lag: an operation found done calls in every older one of its
-kind that is waiting for its next look, and the slightly younger ones (``Siblings``). Those
-have run about as long as it needed or longer, so most are done too; a batch of jobs is then
-noticed at the first look that finds any of them done, not each at its own next look.
+kind that is waiting for its next look (``Siblings``), and the first of a cold kind also the
+slightly younger ones. Those have run about as long as it needed or longer, so most are done
+too; a batch of jobs is then noticed at the first look that finds any of them done, not each
+at its own next look.
 
 Likeness also works the other way while a kind is still cold (nothing learned yet): an older
 operation just seen running says the younger ones are most likely running too. A younger one
@@ -202,8 +203,9 @@ class Siblings:
         one that found it done (that gap at most one poll interval): a sibling younger by less
         than that has run longer than the finished one was known to be running, and more
         likely than not longer than it needed (a batch dropped together is then noticed at
-        once, not each at its own look). Half, because one called in too early loses a poll
-        and cannot be called in again before its own next look."""
+        once, not each at its own look). Half, and only for the first of a cold kind (the
+        younger ones skipped looks on its word), because one called in too early loses a
+        poll and cannot be called in again before its own next look."""
         called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born + reach_s]
         for future in called:
             _wake(future, True)
