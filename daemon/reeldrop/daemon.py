@@ -136,6 +136,7 @@ class Daemon:
                 async with asyncio.timeout(0.05):
                     await self.force_exit.wait()
         interrupted = len(critical)
+        in_flight = self.counts["busy"]  # left claimed for the next start
         for task in workers:
             task.cancel()
         if self.runner.settling:  # final writes already started: let them land
@@ -144,7 +145,7 @@ class Daemon:
             await asyncio.wait_for(blocking.drain(), DRAIN_S)
         except TimeoutError:
             log.get().error("daemon.file_calls_unfinished", waited_s=DRAIN_S)
-        log.get().info("daemon.stopped", in_flight=self.counts["busy"],
+        log.get().info("daemon.stopped", in_flight=in_flight,
                        interrupted=interrupted, queued=self.queue.qsize(),
                        done=self.counts["done"], failed=self.counts["failed"])
 
