@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Hashable
 from datetime import datetime
 from pathlib import Path
 
@@ -289,3 +290,35 @@ async def test_a_done_operation_also_calls_in_siblings_younger_than_its_last_gap
     assert not far.done()
     far.cancel()
     await asyncio.gather(far, return_exceptions=True)
+
+
+class RecordingSiblings(Siblings):
+    """Siblings that also note how far forward each finish reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reaches: list[float] = []
+
+    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0) -> int:
+        self.reaches.append(reach_s)
+        return super().finished(kind, born, reach_s)
+
+
+async def test_only_the_first_finish_of_a_cold_kind_reaches_forward(
+        tmp_path: Path, sim: Simulator) -> None:
+    """The first operation of a kind found done calls in younger siblings too (half the gap
+    between its last two looks); once the kind is learned, a finish calls in only older ones
+    (reaching forward at every finish cost the makespan run lag)."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                         poll_fraction=0.01, poll_jitter=0.0)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+        generation.siblings = recording = RecordingSiblings()
+        for name in ("first", "second"):
+            op = await generation.create(Member(prompt=f"{name} [latency=0.3]",
+                                                model=config.model, parameters={}, output=name))
+            await asyncio.wait_for(generation.wait(op, kind=kind), 5)
+    first, second = recording.reaches
+    assert 0 < first <= 0.05 / 2 + 1e-9, first  # half of one 50 ms interval at most
+    assert second == 0.0
