@@ -44,7 +44,7 @@ class _Results:
         self.done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self.wake_pending = False
         self.running = 0  # calls submitted and not yet delivered (loop side only)
-        self.idle: asyncio.Future[None] | None = None
+        self.drained: asyncio.Future[None] | None = None  # set when running falls to 0
 
     def add(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
         """From a worker: queue one result; wake the loop unless a wake-up is pending."""
@@ -68,8 +68,8 @@ class _Results:
                 else:
                     future.set_exception(error)
         self.running -= len(batch)
-        if self.running == 0 and self.idle is not None and not self.idle.done():
-            self.idle.set_result(None)
+        if self.running == 0 and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
 
 
 class _Workers:
@@ -147,6 +147,6 @@ async def drain() -> None:
     loop = asyncio.get_running_loop()
     results = _results_of(loop)
     if results.running:
-        if results.idle is None or results.idle.done():
-            results.idle = loop.create_future()
-        await asyncio.shield(results.idle)
+        if results.drained is None or results.drained.done():
+            results.drained = loop.create_future()
+        await asyncio.shield(results.drained)

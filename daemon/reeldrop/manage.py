@@ -20,7 +20,7 @@ import msgspec
 from . import jobs, sidecar
 from .errors import InvalidJob
 from .sidecar import BATCH_SUFFIX, Sidecar
-from .spool_files import StoredJob, flatten_legacy, read_members, stored_jobs
+from .spool_files import StoredJob, flatten_legacy, job_file, read_members, stored_jobs
 from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")
@@ -104,7 +104,7 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool,
     for job_id, job in sorted(stored.items()):
         if job.source is None:
             continue
-        source = failed_area / f"{job_id}.{job.source}"
+        source = job_file(failed_area, job_id, job.source)
         outputs = {m.output for m in read_members(failed_area, job_id, job.records)}
         keys = {job.source, Path(job.source).stem, *outputs}
         if not all_failed and not keys & wanted:
@@ -114,7 +114,7 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool,
             os.link(source, target)  # never clobbers a file waiting in the inbox
         except FileExistsError:
             continue
-        source.unlink()
+        os.unlink(source)
         moved.append(job.source)
         wanted -= keys
     if wanted and not all_failed:

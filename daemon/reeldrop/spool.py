@@ -37,7 +37,7 @@ from pathlib import Path
 from . import blocking, log, sidecar
 from .errors import ConfigError, OutputError
 from .sidecar import Sidecar
-from .spool_files import flatten_legacy, read_members, record_name, stored_jobs
+from .spool_files import flatten_legacy, job_file, read_members, record_name, stored_jobs
 from .writer import fsync_dir, syncfs, write_all
 
 
@@ -60,7 +60,7 @@ class JobRun:
 
     def path(self, name: str) -> str:
         """One of the job's files: ``AREA/<job_id>.NAME``."""
-        return os.path.join(self.area, f"{self.job_id}.{name}")
+        return job_file(self.area, self.job_id, name)
 
     @property
     def is_batch(self) -> bool:
@@ -100,7 +100,7 @@ class Spool:
         """
         job_id = new_job_id()
         try:
-            os.rename(path, os.path.join(self.jobs, f"{job_id}.{path.name}"))
+            os.rename(path, job_file(self.jobs, job_id, path.name))
         except FileNotFoundError:
             return None
         if durable:
@@ -216,7 +216,7 @@ class Spool:
         # The job file first, made durable: from then on a restart knows the job is finished
         # and only moves the records that did not follow (see ``recover``). The records'
         # moves are not fsynced: their final states are durable wherever they are.
-        target = area / f"{run.job_id}.{run.source}"
+        target = Path(job_file(area, run.job_id, run.source))
         os.rename(run.path(run.source), target)
         fsync_dir(self.jobs)
         self._move_records(run.job_id, [record_name(m.index) for m in run.members], area)
@@ -226,7 +226,7 @@ class Spool:
     def _move_records(self, job_id: str, records: list[str], area: Path) -> None:
         for name in records:
             with contextlib.suppress(FileNotFoundError):  # a member that never recorded
-                os.rename(self.jobs / f"{job_id}.{name}", area / f"{job_id}.{name}")
+                os.rename(job_file(self.jobs, job_id, name), job_file(area, job_id, name))
 
     def recover(self) -> list[JobRun]:
         """The jobs a previous run left claimed, after removing what a crash leaves behind."""

@@ -37,6 +37,12 @@ def record_name(index: int) -> str:
     return f"{MEMBER_PREFIX}{index:04d}{RECORD_SUFFIX}"
 
 
+def job_file(area: str | Path, job_id: str, name: str) -> str:
+    """One of a job's files in an area: ``AREA/<job_id>.NAME`` (a string: claims and state
+    writes build one per call)."""
+    return os.path.join(area, f"{job_id}.{name}")
+
+
 @dataclass
 class StoredJob:
     """A job's files in one area, by name after the job id."""
@@ -75,7 +81,7 @@ def read_members(area: Path, job_id: str, records: list[str], *,
     """
     members = []
     for name in sorted(records):
-        path = area / f"{job_id}.{name}"
+        path = Path(job_file(area, job_id, name))
         if repair:
             _cut_torn_tail(path)
         member = sidecar.read_last(path)
@@ -101,11 +107,11 @@ def flatten_legacy(area: Path, file_mode: int) -> None:
         for index, name in records.items():
             member = sidecar.read_last(directory / name)
             if member is not None:
-                atomic_write(area / f"{job_id}.{record_name(int(index))}",
+                atomic_write(job_file(area, job_id, record_name(int(index))),
                              sidecar.encode(member), file_mode)
         for name in names:
             if not _LEGACY_RECORD.fullmatch(name):  # the job file (there is only ever one)
-                os.rename(directory / name, area / f"{job_id}.{name}")
+                os.rename(directory / name, job_file(area, job_id, name))
                 fsync_dir(area)
         for name in os.listdir(directory):
             (directory / name).unlink()
