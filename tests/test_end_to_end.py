@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -172,6 +173,35 @@ async def test_several_videos_of_one_job_are_numbered_and_keep_their_name(
         assert playable_frames(outbox / video.file) > 0
     assert [v.file for v in docs["takes.2"].videos] == ["takes.2.mp4"]
     assert not (outbox / "takes.mp4").exists()
+
+
+async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: Path) -> None:
+    """With one generation slot and one download slot: the second job is submitted while the
+    first one's video is still downloading (a slot at the service is free once its operation
+    is done); the second download waits for the first; and a done job waiting for a download
+    slot keeps its generation slot, so the third job is not submitted before then."""
+    sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.0, video_bytes=3 << 20,
+                              download_chunk_delay_s=0.15))
+    await sim.start()
+    outbox = tmp_path / "outbox"
+    try:
+        async with running(make_config(tmp_path, sim.base_url, concurrency=1,
+                                       download_concurrency=1)):
+            for name in ("first", "second", "third"):
+                drop(tmp_path / "inbox", f"{name}.prompt", f"the {name}")
+                await until(lambda n=name: (outbox / f"{n}.json").exists(), what=name)
+            await until(finished(outbox, 3), timeout=30)
+    finally:
+        await sim.stop()
+    prompt_of = {f: op.prompt for op in sim.ops.values() for f in op.file_ids}
+    at = {(kind, prompt_of.get(key, key)): t for t, kind, key in sim.events}
+    # The client has every byte before the simulator's last pause: the sidecar's stamp it is.
+    delivered = sidecars(outbox)["first"].finished_at
+    assert delivered is not None
+    first_done = datetime.fromisoformat(delivered).timestamp()
+    assert at["create", "the second"] < first_done
+    assert at["download_start", "the second"] >= first_done
+    assert at["create", "the third"] > first_done
 
 
 async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:

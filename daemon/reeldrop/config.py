@@ -96,7 +96,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     person_generation: str | None = None
     enhance_prompt: bool | None = None
     # Load
-    concurrency: Count = 4
+    concurrency: Count = 4  # jobs at the service (submitting or generating)
+    download_concurrency: Count | None = None  # downloads at once; default: concurrency
     submissions_per_minute: Positive = 10.0
     submit_burst: Count = 2
     # Polling (see README "How polling adapts")

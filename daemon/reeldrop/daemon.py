@@ -1,11 +1,11 @@
 """The daemon: ``serve()`` is start-up → main loop → shutdown, and ``run()`` wraps it.
 
-Tasks are owned by one TaskGroup: ``concurrency`` workers (jobs in flight), the intake loop
-(scan → claim → accept → queue), the watcher pump (hints), and the heartbeat (sd_notify). Signal
-handlers only set flags. On the first SIGTERM/SIGINT intake stops; workers in the middle of a
-create call or a download get ``shutdown_grace_s`` to finish it; everything else is cancelled
-at once, which is safe because every step is persisted before the next begins. A second
-signal skips the grace.
+Tasks are owned by one TaskGroup: ``concurrency`` workers (jobs at the service), a task per
+download (at most ``download_concurrency``), the intake loop (scan → claim → accept → queue),
+the watcher pump (hints), and the heartbeat (sd_notify). Signal handlers only set flags. On
+the first SIGTERM/SIGINT intake stops; tasks in the middle of a create call or a download get
+``shutdown_grace_s`` to finish it; everything else is cancelled at once, which is safe because
+every step is persisted before the next begins. A second signal skips the grace.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .config import Config
 from .errors import ConfigError
 from .intake import Intake
 from .notify import Notifier
-from .runner import Runner
+from .runner import Generated, Runner
 from .scheduler import SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
@@ -60,6 +60,8 @@ class Daemon:
         self.wake = asyncio.Event()
         self.stop_watching = asyncio.Event()
         self.intake_thread = ThreadPoolExecutor(1, thread_name_prefix="reeldrop-intake")
+        self.download_slots = asyncio.Semaphore(config.download_concurrency or config.concurrency)
+        self.delivering: set[asyncio.Task[None]] = set()  # downloads, each in its own task
 
     def run(self) -> int:
         return event_loop_runner(self.config.event_loop)(self.serve())
@@ -79,6 +81,7 @@ class Daemon:
                 self.runner = Runner(self.config, client, self.spool, gate, self.settled)
                 await asyncio.to_thread(self.load_learned)
                 async with asyncio.TaskGroup() as tg:
+                    self.group = tg
                     workers = [tg.create_task(self.worker())
                                for _ in range(self.config.concurrency)]
                     helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
@@ -137,7 +140,7 @@ class Daemon:
                     await self.force_exit.wait()
         interrupted = len(critical)
         in_flight = self.counts["busy"]  # left claimed for the next start
-        for task in workers:
+        for task in [*workers, *self.delivering]:
             task.cancel()
         if self.runner.settling:  # final writes already started: let them land
             await asyncio.wait(list(self.runner.settling), timeout=10)
@@ -176,24 +179,48 @@ class Daemon:
             log.get().info("job.archived", job_id=run.job_id, to=archived.parent.name)
 
     async def worker(self) -> None:
-        """One slot: a job at a time. It takes the next job while the last one's final write
-        lands, but never leaves more than that one behind (awaited shielded: it completes)."""
+        """One generation slot: a member from its submission until its operation is done.
+
+        A done member waits here for a download slot (so downloads cannot pile up behind a
+        slow link), then its download goes on in a task of its own and the slot takes the
+        next member. A failed member's final write lands while the slot takes the next one,
+        but never more than one is left behind (awaited shielded: it completes).
+        """
         writing: asyncio.Future[None] | None = None
         while True:
             run, index = await self.queue.get()
             if self.queue.qsize() < self.config.queue_max // 2:
                 self.wake.set()  # intake may have paused at queue_max
             self.counts["busy"] += 1
+            handed_off = False
             try:
-                final_write = await self.runner.run(run, index)
+                with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
+                    outcome = await self.runner.generate(run, index)
+                    if isinstance(outcome, Generated):
+                        await self.download_slots.acquire()
+                        self.delivering.add(self.group.create_task(self.deliver(run, outcome)))
+                        handed_off = True
+                        continue
             except Exception:  # noqa: BLE001 - one job's trouble must not stop the worker
                 log.get().exception("worker.job_error", job_id=run.job_id, index=index)
                 continue
             finally:
-                self.counts["busy"] -= 1
+                if not handed_off:
+                    self.counts["busy"] -= 1
             if writing is not None:
                 await asyncio.shield(writing)
-            writing = final_write
+            writing = outcome
+
+    async def deliver(self, run: JobRun, generated: Generated) -> None:
+        """A member's download and final write, in its own task (holding a download slot)."""
+        try:
+            await asyncio.shield(await self.runner.deliver(run, generated))
+        except Exception:  # noqa: BLE001 - one job's trouble must not stop the daemon
+            log.get().exception("worker.job_error", job_id=run.job_id, index=generated.member.index)
+        finally:
+            self.download_slots.release()
+            self.counts["busy"] -= 1
+            self.delivering.discard(asyncio.current_task())
 
     async def intake_loop(self) -> None:
         while True:

@@ -5,6 +5,11 @@ a member with an operation name is polled, never submitted again. The only ambig
 a crash after the create call was sent and before its answer was stored (state ``submitting``
 with no ``operation``); ``resubmit_unconfirmed`` decides whether such a member is submitted
 again (default, logged as ``job.resubmit_unconfirmed``) or failed with an explanation.
+
+A life has two stages, so that a download never holds a generation slot: ``generate``
+(submit, then poll until done) and ``deliver`` (download, then the final write). The daemon
+bounds each stage on its own (``concurrency``, ``download_concurrency``); a slot at the
+service is free again the moment its operation is done, as an oracle's would be.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,15 @@ from .veo import VeoClient
 from .writer import PARTIAL_DIR, VideoFile
 
 PROGRESS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A member whose operation is done: what its download stage needs."""
+
+    member: Sidecar
+    uris: list[str]
+    started: float  # monotonic time its worker took it (for the summary line)
 
 
 def _age_s(stamp: str | None) -> float:
@@ -57,38 +72,58 @@ class Runner:
         finally:
             self.critical.discard(task)
 
-    async def run(self, run: JobRun, index: int) -> asyncio.Future[None]:
-        """Drive one member to a terminal state; return its final write, still under way.
+    async def generate(self, run: JobRun, index: int) -> Generated | asyncio.Future[None]:
+        """Submit a member (unless it has an operation) and wait until its operation is done.
 
-        The final write (record, sidecar, archive) is a blocking step in a thread that,
-        once started, completes even if everything else is cancelled; the caller may take the
-        next job meanwhile. Cancellation before it keeps the member resumable.
+        Returns what the download stage needs, or, if the member failed, its final write,
+        still under way (see ``_settle_later``). The caller frees the member's generation
+        slot here: the download holds none. Cancellation keeps the member resumable.
         """
-        with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
-            return await self._run(run, index)
-
-    async def _run(self, run: JobRun, index: int) -> asyncio.Future[None]:
         member = run.members[index - 1]
         logger = log.get()
         started = time.monotonic()
         try:
             if member.operation is None:
                 member = await self._submit(run, member, logger)
-            uris = await self._await_done(member)
-            # Shown, not recorded: after a crash the operation is polled again (it is done)
-            # and the download resumes from its partial file.
+            return Generated(member, await self._await_done(member), started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug must fail this job, not the daemon
+            return self._settle_later(run, self._failed(run, index, e), started)
+
+    async def deliver(self, run: JobRun, generated: Generated) -> asyncio.Future[None]:
+        """Download a generated member's videos; return its final write, still under way.
+
+        The final write (record, sidecar, archive) is a blocking step in a thread that,
+        once started, completes even if everything else is cancelled. Cancellation before it
+        keeps the member resumable: a restart polls the operation (done) and downloads again,
+        resuming from the partial file.
+        """
+        member = generated.member
+        try:
+            # Shown, not recorded: after a crash the operation is polled again (it is done).
             member = member.moved("downloading")
             await self.spool.show(member)
-            videos = await self._download(run, member, uris)
+            videos = await self._download(run, member, generated.uris)
             member = member.moved("succeeded", videos=videos, error=None, bytes_done=None,
                                   bytes_total=None)
         except asyncio.CancelledError:
             raise
-        except ReeldropError as e:
-            member = run.members[index - 1].moved("failed", error=e.info())
-        except Exception as e:  # a bug must fail this job, not the daemon
-            logger.exception("job.internal_error")
-            member = run.members[index - 1].moved("failed", error=describe(e))
+        except Exception as e:  # noqa: BLE001 - a bug must fail this job, not the daemon
+            member = self._failed(run, member.index, e)
+        return self._settle_later(run, member, generated.started)
+
+    @staticmethod
+    def _failed(run: JobRun, index: int, error: Exception) -> Sidecar:
+        """The member as failed by ``error``, from its last recorded state (call it in the
+        ``except`` block: a bug's traceback is logged)."""
+        if not isinstance(error, ReeldropError):
+            log.get().exception("job.internal_error")
+        info = error.info() if isinstance(error, ReeldropError) else describe(error)
+        return run.members[index - 1].moved("failed", error=info)
+
+    def _settle_later(self, run: JobRun, member: Sidecar, started: float) -> asyncio.Future[None]:
+        """Start the member's final write in a worker thread; log the summary once it lands."""
         settling = blocking.run(self._settle, run, member)
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
