@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from reeldrop.daemon import GC_YOUNG_THRESHOLD, tune_gc
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import (
@@ -231,3 +233,22 @@ async def test_a_second_signal_skips_the_grace(
     assert (tmp_path / "outbox" / "big.mp4").stat().st_size == 200 << 20
     assert sim.stats["ranged_downloads"] == 1, "the restart did not resume the partial file"
     assert sim.submissions["a long download"] == 1
+
+
+def test_tune_gc_freezes_what_start_up_made_and_collects_young_objects_less_often() -> None:
+    """After ``tune_gc`` (the daemon's process calls it before its loop starts) the objects
+    alive at start-up are frozen, so full collections skip them, and 5,000 new containers
+    (a few dozen requests' worth) no longer set off a young collection (Python's default
+    threshold, 700, would run seven)."""
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 10_000
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+        young = gc.get_stats()[0]["collections"]
+        containers = [[] for _ in range(5000)]
+        assert gc.get_stats()[0]["collections"] == young
+        del containers
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -42,6 +43,7 @@ BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-fil
 LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each kind finish
 LEARNED_SAVE_S = 60.0  # how often what was learned is saved (and at shutdown)
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
+GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
 
 
 class Daemon:
@@ -64,6 +66,7 @@ class Daemon:
         self.delivering: set[asyncio.Task[None]] = set()  # downloads, each in its own task
 
     def run(self) -> int:
+        tune_gc()
         return event_loop_runner(self.config.event_loop)(self.serve())
 
     async def serve(self) -> int:
@@ -343,6 +346,20 @@ class Daemon:
         c = self.counts
         return (f"{c['busy']} in flight, {self.queue.qsize()} queued, "
                 f"{c['done']} done, {c['failed']} failed")
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a long-running process (before the loop).
+
+    Everything imported by now lives as long as the process: frozen, full collections no
+    longer walk it. And each HTTP request allocates hundreds of short-lived containers, so at
+    Python's default young threshold a collection ran every few requests: in the makespan
+    benchmark about 180 of them, 0.2-0.4 s of the daemon's 6 s of CPU; at 10,000, five.
+    Garbage cycles still go, only later (the idle and makespan runs' peak RSS did not move).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, T]], T]:
