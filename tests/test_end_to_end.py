@@ -204,6 +204,31 @@ async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: 
     assert at["create", "the third"] > first_done
 
 
+@pytest.mark.parametrize(("create_latency_s", "waits"), [(0.1, True), (1.0, False)])
+async def test_a_done_jobs_download_lets_the_next_submission_go_first(
+        tmp_path: Path, create_latency_s: float, waits: bool) -> None:
+    """With one slot and a second job queued, the first job's download starts only once the
+    second job's create call is answered (when a round finishes together, the create calls
+    start the service's clock first); but never later than DELIVERY_DEFER_MAX_S after it
+    would have: a create call that takes a second does not hold the download back."""
+    sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.0,
+                              create_latency_s=create_latency_s))
+    await sim.start()
+    outbox = tmp_path / "outbox"
+    try:
+        async with running(make_config(tmp_path, sim.base_url, concurrency=1)):
+            drop(tmp_path / "inbox", "first.prompt", "the first")
+            await until((outbox / "first.json").exists, what="first claimed")
+            drop(tmp_path / "inbox", "second.prompt", "the second")
+            await until(finished(outbox, 2), timeout=30)
+    finally:
+        await sim.stop()
+    prompt_of = {f: op.prompt for op in sim.ops.values() for f in op.file_ids}
+    at = {(kind, prompt_of.get(key, key)): t for t, kind, key in sim.events}
+    answered = at["create", "the second"]  # the simulator logs a create once it answers
+    assert (at["download_start", "the first"] > answered) is waits
+
+
 async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:
     """A watcher of NAME.json sees queued → submitting → generating → downloading →
     succeeded, each state long enough here to be read (a slow create call, a 0.3 s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import signal
 import time
@@ -43,6 +44,7 @@ BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-fil
 LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each kind finish
 LEARNED_SAVE_S = 60.0  # how often what was learned is saved (and at shutdown)
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
+DELIVERY_DEFER_MAX_S = 0.25  # how long a download lets its slot's next submission go first
 GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
 
 
@@ -186,37 +188,52 @@ class Daemon:
 
         A done member waits here for a download slot (so downloads cannot pile up behind a
         slow link), then its download goes on in a task of its own and the slot takes the
-        next member. A failed member's final write lands while the slot takes the next one,
-        but never more than one is left behind (awaited shielded: it completes).
+        next member. That download first lets the slot's next submission go (for at most
+        ``DELIVERY_DEFER_MAX_S``): when a round of jobs finishes together the loop is busy,
+        and a create call starts the service's clock, a download only ends a job.
+
+        A failed member's final write lands while the slot takes the next one, but never
+        more than one is left behind (awaited shielded: it completes).
         """
         writing: asyncio.Future[None] | None = None
+        refilled: asyncio.Future[None] | None = None  # the last download waits for it
         while True:
+            if self.queue.empty():
+                _release(refilled)  # nothing to submit: the download need not wait
             run, index = await self.queue.get()
             if self.queue.qsize() < self.config.queue_max // 2:
                 self.wake.set()  # intake may have paused at queue_max
             self.counts["busy"] += 1
+            last_refilled, refilled = refilled, None
             handed_off = False
             try:
                 with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
-                    outcome = await self.runner.generate(run, index)
+                    outcome = await self.runner.generate(
+                        run, index, submitted=functools.partial(_release, last_refilled))
                     if isinstance(outcome, Generated):
                         await self.download_slots.acquire()
-                        self.delivering.add(self.group.create_task(self.deliver(run, outcome)))
+                        refilled = asyncio.get_running_loop().create_future()
+                        self.delivering.add(self.group.create_task(
+                            self.deliver(run, outcome, refilled)))
                         handed_off = True
                         continue
             except Exception:  # noqa: BLE001 - one job's trouble must not stop the worker
                 log.get().exception("worker.job_error", job_id=run.job_id, index=index)
                 continue
             finally:
+                _release(last_refilled)
                 if not handed_off:
                     self.counts["busy"] -= 1
             if writing is not None:
                 await asyncio.shield(writing)
             writing = outcome
 
-    async def deliver(self, run: JobRun, generated: Generated) -> None:
-        """A member's download and final write, in its own task (holding a download slot)."""
+    async def deliver(self, run: JobRun, generated: Generated,
+                      refilled: asyncio.Future[None]) -> None:
+        """A member's download and final write, in its own task (holding a download slot),
+        once its worker's next member is submitted (see ``worker``)."""
         try:
+            await asyncio.wait([refilled], timeout=DELIVERY_DEFER_MAX_S)
             await asyncio.shield(await self.runner.deliver(run, generated))
         except Exception:  # noqa: BLE001 - one job's trouble must not stop the daemon
             log.get().exception("worker.job_error", job_id=run.job_id, index=generated.member.index)
@@ -346,6 +363,11 @@ class Daemon:
         c = self.counts
         return (f"{c['busy']} in flight, {self.queue.qsize()} queued, "
                 f"{c['done']} done, {c['failed']} failed")
+
+
+def _release(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 def tune_gc() -> None:
