@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import msgspec
 import pytest
 
 from reeldrop.demo import examples_dir
+from reeldrop.sidecar import Sidecar, encode
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import (
@@ -150,6 +153,38 @@ async def test_a_name_with_a_video_is_never_overwritten(tmp_path: Path, sim: Sim
     assert docs["cat.2"].prompt == "a cat again"
     assert docs["cat.2"].videos[0].file == "cat.2.mp4"
     assert (outbox / "cat.mp4").read_bytes() == first
+
+
+async def test_a_big_batch_keeps_taken_names_and_reuses_failed_ones(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Forty-four files waiting at start are claimed in batches, the big ones looking names up
+    in one listing of the outbox: a name with a video, with the first of several videos or
+    with another job's live sidecar gets NAME.2; a name whose job failed without a video is
+    reused; nothing already in the outbox is touched."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "kept.mp4").write_bytes(b"someone's video")
+    (outbox / "many-1.mp4").write_bytes(b"someone's first video")
+    stamp = "2026-01-01T00:00:00.000Z"
+    other = Sidecar(job_id="other-job", output="busy", source="busy.prompt", prompt="x",
+                    model="m", created_at=stamp, updated_at=stamp).moved("generating")
+    failed = msgspec.structs.replace(other, job_id="old-job", output="retry").moved("failed")
+    (outbox / "busy.json").write_bytes(encode(other))
+    (outbox / "retry.json").write_bytes(encode(failed))
+    names = [f"job{i:02d}" for i in range(40)] + ["kept", "many", "busy", "retry"]
+    for age, name in enumerate(reversed(names)):  # the last four are the newest: a big batch
+        path = drop(inbox, f"{name}.prompt", f"{name} job")
+        os.utime(path, (time.time() - 100 - age, time.time() - 100 - age))
+    async with running(make_config(tmp_path, sim.base_url, concurrency=44)):
+        await until(lambda: sum(d.done and d.job_id != "old-job"
+                                for d in sidecars(outbox).values()) >= 44, timeout=30)
+    docs = sidecars(outbox)
+    assert {docs[f"{name}.2"].prompt for name in ("kept", "many", "busy")} == {
+        "kept job", "many job", "busy job"}
+    assert docs["retry"].prompt == "retry job"
+    assert docs["busy"].job_id == "other-job"
+    assert (outbox / "kept.mp4").read_bytes() == b"someone's video"
+    assert (outbox / "many-1.mp4").read_bytes() == b"someone's first video"
 
 
 async def test_several_videos_of_one_job_are_numbered_and_keep_their_name(

@@ -297,7 +297,12 @@ class Daemon:
         durable with one filesystem sync before any of its jobs is queued."""
         durable = len(paths) < BATCH_SYNC_FROM
         logger = log.get().bind()  # bound once: a lazy logger binds anew at every call
-        runs = [run for path in paths if (run := self._claim_and_accept(path, durable, logger))]
+        # A big batch looks output names up in one listing of the outbox; a few files make
+        # fewer lookups than listing a full outbox would cost.
+        names = contextlib.nullcontext() if durable else self.intake.outbox_listed()
+        with names:
+            runs = [run for path in paths
+                    if (run := self._claim_and_accept(path, durable, logger))]
         return runs, durable
 
     def _claim_and_accept(self, path: Path, durable: bool, logger: log.Logger) -> JobRun | None:

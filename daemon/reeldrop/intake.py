@@ -8,9 +8,11 @@ silently overwrites another's video: a name whose video or live sidecar exists g
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -65,9 +67,28 @@ class Intake:
         self.config = config
         self.spool = spool
         self.reserved: set[str] = set()  # output names of members in flight
+        self._listed: set[str] | None = None  # the outbox's names (see ``outbox_listed``)
 
     def release(self, member: Sidecar) -> None:
         self.reserved.discard(member.output)
+
+    @contextlib.contextmanager
+    def outbox_listed(self) -> Iterator[None]:
+        """Inside the block, output names are looked up in one listing of the outbox taken at
+        its start, not with three lookups each (a 10,000-file backlog made 30,000).
+
+        For a big batch of claims. A name another daemon takes meanwhile is still never
+        clobbered: the sidecar is published exclusively, and a refused name moves on to the
+        next suffix; our own names are in ``reserved``.
+        """
+        try:
+            self._listed = set(os.listdir(self.spool.outbox))
+        except OSError:
+            self._listed = None  # look each name up (a missing outbox fails there, clearly)
+        try:
+            yield
+        finally:
+            self._listed = None
 
     def accept(self, run: JobRun, *, durable: bool = True,
                logger: log.Logger | None = None) -> list[Sidecar]:
@@ -131,7 +152,7 @@ class Intake:
             name = draft.output if n == 1 else f"{draft.output}.{n}"
             if name in self.reserved:
                 continue
-            owner = _name_owner(self.spool.outbox, name, run.job_id)
+            owner = _name_owner(self.spool.outbox, name, run.job_id, self._listed)
             if isinstance(owner, str):
                 continue
             candidate = draft if n == 1 else _renamed(draft, name)
@@ -157,14 +178,21 @@ def _renamed(draft: Sidecar, name: str) -> Sidecar:
     return msgspec.structs.replace(draft, output=name)
 
 
-def _name_owner(outbox: Path, name: str, job_id: str) -> Sidecar | str | None:
-    """None if the name is free; the sidecar if it may be reused; "taken" otherwise."""
-    path = sidecar.path_for(outbox, name)
-    if os.path.lexists(os.path.join(outbox, f"{name}.mp4")) or os.path.lexists(
-            os.path.join(outbox, f"{name}-1.mp4")):
+def _name_owner(outbox: Path, name: str, job_id: str,
+                listed: set[str] | None) -> Sidecar | str | None:
+    """None if the name is free; the sidecar if it may be reused; "taken" otherwise.
+    ``listed``: the outbox's names, if listed already."""
+
+    def exists(filename: str) -> bool:
+        if listed is not None:
+            return filename in listed
+        return os.path.lexists(os.path.join(outbox, filename))
+
+    if exists(f"{name}.mp4") or exists(f"{name}-1.mp4"):
         return "taken"
-    if not os.path.lexists(path):
+    if not exists(f"{name}.json"):
         return None
+    path = sidecar.path_for(outbox, name)
     current = sidecar.read(path)
     if current is not None and current.job_id == job_id:
         return current  # ours: a previous run published it before a crash
