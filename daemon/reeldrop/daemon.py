@@ -27,6 +27,7 @@ import msgspec
 from . import blocking, log, watcher
 from .config import Config
 from .errors import ConfigError
+from .files import atomic_write
 from .intake import Intake
 from .notify import Notifier
 from .runner import Generated, Runner
@@ -34,7 +35,7 @@ from .scheduler import SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 from .veo import VeoClient
-from .writer import PARTIAL_DIR, atomic_write
+from .writer import PARTIAL_DIR
 
 T = TypeVar("T")
 

@@ -19,8 +19,9 @@ from .config import Config
 from .errors import APIError, GenerationFailed, GenerationTimeout
 from .jobs import Member
 from .scheduler import FirstLook, Siblings, SubmitGate, poll_delay, poll_interval
+from .sidecar import VideoFile
 from .veo import Operation, VeoClient, video_uris
-from .writer import Progress, VideoFile, download_video
+from .writer import Progress, download_video
 
 
 class Generation:

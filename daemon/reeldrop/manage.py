@@ -19,9 +19,9 @@ import msgspec
 
 from . import jobs, sidecar
 from .errors import InvalidJob
+from .files import atomic_write
 from .sidecar import BATCH_SUFFIX, Sidecar
 from .spool_files import StoredJob, flatten_legacy, job_file, read_members, stored_jobs
-from .writer import atomic_write
 
 STATES = ("queued", "submitting", "generating", "downloading", "succeeded", "failed")
 

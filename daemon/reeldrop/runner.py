@@ -29,10 +29,10 @@ from .errors import GenerationFailed, OutputError, ReeldropError, describe
 from .generation import Generation
 from .jobs import Member
 from .scheduler import SubmitGate, kind_of
-from .sidecar import Sidecar, now
+from .sidecar import Sidecar, VideoFile, now
 from .spool import JobRun, Spool
 from .veo import VeoClient
-from .writer import PARTIAL_DIR, VideoFile
+from .writer import PARTIAL_DIR
 
 PROGRESS_EVERY_S = 1.0
 

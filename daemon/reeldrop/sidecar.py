@@ -16,11 +16,20 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import ErrorInfo
-from .writer import VideoFile, atomic_write
+from .files import atomic_write
 
 State = Literal["queued", "submitting", "generating", "downloading", "succeeded", "failed"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
 BATCH_SUFFIX = ".batch.json"
+
+
+class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
+    """One published video, as listed in the sidecar."""
+
+    file: str
+    bytes: int
+    sha256: str
+
 
 
 def now() -> str:

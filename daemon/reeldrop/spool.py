@@ -36,9 +36,9 @@ from pathlib import Path
 
 from . import blocking, log, sidecar
 from .errors import ConfigError, OutputError
+from .files import fsync_dir, syncfs, write_all
 from .sidecar import Sidecar
 from .spool_files import flatten_legacy, job_file, read_members, record_name, stored_jobs
-from .writer import fsync_dir, syncfs, write_all
 
 
 def new_job_id() -> str:

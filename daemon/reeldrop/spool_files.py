@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import log, sidecar
+from .files import atomic_write, fsync_dir
 from .sidecar import Sidecar
-from .writer import atomic_write, fsync_dir
 
 MEMBER_PREFIX = "member-"
 RECORD_SUFFIX = ".jsonl"

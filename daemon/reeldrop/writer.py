@@ -1,145 +1,30 @@
-"""Durable file writes: atomic replaces for small files, verified streaming for videos.
+"""Videos to disk: verified streaming downloads (small files: ``files``).
 
-Small files (sidecars, state) go temp file → fsync → rename → directory fsync, so a reader or a
-crash sees the old version or the new one, never a torn one. Videos stream into a hidden
-partial file, are checked (length, MP4 ``ftyp`` box) and hashed on the way, and appear under
-their public name only by rename. Nothing here follows a symlink planted by someone else.
+Videos stream into a hidden partial file, are checked (length, MP4 ``ftyp`` box) and hashed on
+the way, and appear under their public name only by rename, after an fsync. Nothing here
+follows a symlink planted by someone else.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
 import hashlib
-import itertools
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import msgspec
 
 from . import blocking
 from .errors import DownloadError, OutputError
+from .files import fsync_dir, write_all
+from .sidecar import VideoFile
 from .veo import VeoClient
 
 Progress = Callable[[int, int | None], None]  # (bytes on disk, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
 PARTIAL_DIR = ".partial"
-
-
-class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
-    """One published video, as listed in the sidecar."""
-
-    file: str
-    bytes: int
-    sha256: str
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write every byte (``os.write`` may take fewer than it is given)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding ``path`` (one call instead of one fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            os.sync()  # syncfs refused: flush everything rather than nothing
-    finally:
-        os.close(fd)
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+
-
-
-def rename_noreplace(src: str, dst: str) -> None:
-    """``rename()`` that never clobbers: FileExistsError if ``dst`` exists.
-
-    One ``renameat2(RENAME_NOREPLACE)`` where the filesystem has it (ext4, xfs, btrfs,
-    tmpfs), else ``link()`` and ``unlink()``, which never clobber either.
-    """
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
-                      _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS):  # anything but "not here": a real error
-            raise OSError(err, os.strerror(err), dst)
-    os.link(src, dst)
-    os.unlink(src)
-
-
-# With the pid, names this process's temp files uniquely: a random tag drawn once (a
-# crashed predecessor with the same pid, as in a container, leaves other names) and a
-# counter (cheaper than a random token per write).
-_TMP_TAG = secrets.token_hex(4)
-_tmp_serial = itertools.count()
-
-
-@functools.cache
-def _umask() -> int:
-    """The process's umask, read once from /proc (``os.umask`` would change it for a moment,
-    under other threads' feet); unknown means "always fchmod"."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o777
-
-
-def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive: bool = False,
-                 durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` atomically (and, if ``durable``, survive a power cut).
-
-    With ``exclusive``, the file must not exist yet (FileExistsError otherwise): the final step
-    is ``rename_noreplace()`` instead of ``rename()``. Without ``durable`` the
-    fsyncs are skipped: readers still see the old file or the new one, never a torn one, and
-    a process crash cannot lose it; only a machine crash can, which suits copies that are
-    rebuilt from a durable record at start-up (the public sidecars).
-    """
-    parent, name = os.path.split(os.fspath(path))  # strings: this runs for every state change
-    tmp = os.path.join(parent, f".{name}.{os.getpid()}.{_TMP_TAG}-{next(_tmp_serial)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            if mode & _umask():
-                os.fchmod(fd, mode)  # the umask must not decide what consumers can read
-            write_all(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if exclusive:
-            rename_noreplace(tmp, os.fspath(path))
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(parent or ".")
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
