@@ -187,6 +187,23 @@ async def test_a_big_batch_keeps_taken_names_and_reuses_failed_ones(
     assert (outbox / "many-1.mp4").read_bytes() == b"someone's first video"
 
 
+async def test_files_waiting_at_start_are_all_claimed_before_the_first_submission(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A backlog is acknowledged before it is worked: every one of 60 files waiting at start
+    has its queued sidecar before the first create call (claims and the HTTP client's loading
+    and first submissions no longer compete for the interpreter)."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    for i in range(60):
+        path = drop(inbox, f"waiting{i:02d}.prompt", f"waiting {i}")
+        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+    async with running(make_config(tmp_path, sim.base_url, concurrency=8)):
+        await until(finished(outbox, 60), timeout=30)
+    claimed = max(datetime.fromisoformat(d.created_at).timestamp()
+                  for d in sidecars(outbox).values())
+    first_create = min(t for t, kind, _ in sim.events if kind == "create")
+    assert claimed <= first_create
+
+
 async def test_several_videos_of_one_job_are_numbered_and_keep_their_name(
         tmp_path: Path, sim: Simulator) -> None:
     """An operation that returns two videos gives NAME-1.mp4 and NAME-2.mp4, both listed

@@ -14,28 +14,28 @@ import asyncio
 import contextlib
 import functools
 import gc
+import importlib
 import signal
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import msgspec
 
 from . import blocking, log, watcher
 from .config import Config
 from .errors import ConfigError
-from .files import atomic_write
+from .files import PARTIAL_DIR, atomic_write
 from .intake import Intake
 from .notify import Notifier
-from .runner import Generated, Runner
 from .scheduler import SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
-from .veo import VeoClient
-from .writer import PARTIAL_DIR
+
+if TYPE_CHECKING:  # loaded once the intake runs (see Daemon.start_runner)
+    from .runner import Generated, Runner
 
 T = TypeVar("T")
 
@@ -76,23 +76,18 @@ class Daemon:
         self.install_signal_handlers()
         try:
             recovered = await self.startup()
-            connector = aiohttp.TCPConnector(limit=self.config.concurrency * 2 + 4,
-                                             ttl_dns_cache=300)
-            # No cookies: the API needs none, and the jar's per-request filtering was a tenth
-            # of each poll's CPU.
-            async with aiohttp.ClientSession(connector=connector,
-                                             cookie_jar=aiohttp.DummyCookieJar()) as session:
-                client = VeoClient(session, self.config)
-                gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
-                self.runner = Runner(self.config, client, self.spool, gate, self.settled)
-                await asyncio.to_thread(self.load_learned)
+            async with contextlib.AsyncExitStack() as closing:  # after every task has ended
                 async with asyncio.TaskGroup() as tg:
                     self.group = tg
-                    workers = [tg.create_task(self.worker())
-                               for _ in range(self.config.concurrency)]
-                    helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
+                    helpers = [tg.create_task(self.watch())]
                     await asyncio.sleep(0.05)  # let awatch set up before the first scan
                     helpers.append(tg.create_task(self.intake_loop()))
+                    await self.ready.wait()  # the first pass: files waiting are claimed first
+                    self.runner = await self.start_runner(closing)
+                    await asyncio.to_thread(self.load_learned)
+                    workers = [tg.create_task(self.worker())
+                               for _ in range(self.config.concurrency)]
+                    helpers.append(tg.create_task(self.heartbeat()))
                     await self.main_loop(recovered)
                     await self.shutdown(workers, helpers)
                 await self.save_learned()
@@ -100,6 +95,26 @@ class Daemon:
             self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
             self.notifier.close()
         return 0
+
+    async def start_runner(self, closing: contextlib.AsyncExitStack) -> Runner:
+        """Load the HTTP side, open the process's one session (closed by ``closing``) and
+        build the runner.
+
+        Called once the intake's first pass is done: files that were waiting are claimed
+        (safe in the spool, their sidecars "queued") before anything is submitted. Loading
+        aiohttp (it builds TLS contexts: 0.2-0.3 s) and 200 first submissions competed with
+        those claims for the one interpreter lock: a 10,000-file backlog's first thousand
+        claims took three times as long as the next. In a thread, so the loop runs meanwhile.
+        """
+        await asyncio.to_thread(importlib.import_module, f"{__package__}.runner")
+        gc.freeze()  # what it loaded lives as long as the process, too (see tune_gc)
+        from .runner import Runner  # noqa: PLC0415 - loaded just above, off the loop
+        from .veo import VeoClient, open_session  # noqa: PLC0415
+
+        session = await closing.enter_async_context(open_session(self.config))
+        gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
+        return Runner(self.config, VeoClient(session, self.config), self.spool, gate,
+                      self.settled)
 
     async def startup(self) -> int:
         """Prepare directories, then re-queue what a previous run left claimed."""
@@ -211,7 +226,7 @@ class Daemon:
                 with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
                     outcome = await self.runner.generate(
                         run, index, submitted=functools.partial(_release, last_refilled))
-                    if isinstance(outcome, Generated):
+                    if not isinstance(outcome, asyncio.Future):  # generated: download next
                         await self.download_slots.acquire()
                         refilled = asyncio.get_running_loop().create_future()
                         self.delivering.add(self.group.create_task(

@@ -18,6 +18,8 @@ import os
 import secrets
 from pathlib import Path
 
+PARTIAL_DIR = ".partial"  # in the outbox: videos being downloaded (``writer``)
+
 
 def write_all(fd: int, data: bytes) -> None:
     """Write every byte (``os.write`` may take fewer than it is given)."""

@@ -23,7 +23,7 @@ from .errors import ErrorInfo, ReeldropError
 from .generation import Generation
 from .jobs import VideoRequest
 from .scheduler import SubmitGate, kind_of
-from .veo import VeoClient
+from .veo import VeoClient, open_session
 from .writer import Progress
 
 PromptOrRequest = str | VideoRequest
@@ -112,9 +112,7 @@ class VeoVideoGenerator:
         self._generation: Generation | None = None
 
     async def __aenter__(self) -> VeoVideoGenerator:
-        connector = aiohttp.TCPConnector(limit=self.config.concurrency * 2 + 4)
-        self._session = aiohttp.ClientSession(connector=connector,
-                                              cookie_jar=aiohttp.DummyCookieJar())
+        self._session = open_session(self.config)
         gate = SubmitGate(self.config.submissions_per_minute, self.config.submit_burst)
         self._generation = Generation(VeoClient(self._session, self.config), gate, self.config)
         return self

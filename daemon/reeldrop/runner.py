@@ -26,13 +26,13 @@ from typing import Any
 from . import blocking, log
 from .config import Config
 from .errors import GenerationFailed, OutputError, ReeldropError, describe
+from .files import PARTIAL_DIR
 from .generation import Generation
 from .jobs import Member
 from .scheduler import SubmitGate, kind_of
 from .sidecar import Sidecar, VideoFile, now
 from .spool import JobRun, Spool
 from .veo import VeoClient
-from .writer import PARTIAL_DIR
 
 PROGRESS_EVERY_S = 1.0
 

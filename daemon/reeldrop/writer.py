@@ -24,7 +24,6 @@ from .veo import VeoClient
 
 Progress = Callable[[int, int | None], None]  # (bytes on disk, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
-PARTIAL_DIR = ".partial"
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
