@@ -232,16 +232,18 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
     rss = daemon.rss_mb()
     daemon.stop()
     ideal = (n / conc) * gen
-    # Where the time beyond the ideal goes: noticing a finished operation and storing its
-    # video (lag), and a freed slot's next create call (refill; the k-th create after the
-    # first ``conc`` follows the k-th finish).
+    # Where the time beyond the ideal goes: noticing a finished operation (notice), storing
+    # its video (lag, which includes the notice), and a freed slot's next create call (refill:
+    # a slot is free once its operation is seen done, so the k-th create after the first
+    # ``conc`` follows the k-th operation seen done).
     done_at = {op.prompt: op.done_at for op in sim.ops.values()}
     lags = [stamp(d.finished_at) - done_at[d.prompt] for d in docs
             if d.finished_at and done_at.get(d.prompt)]
+    seen = {p: t for t, kind, p in sim.events if kind == "done_seen"}
+    notices = [t - done_at[p] for p, t in seen.items() if done_at.get(p)]
     creates = sorted(t for t, kind, _ in sim.events if kind == "create")
     polls = [op.polls for op in sim.ops.values()]  # in the order of their create calls
-    finishes = sorted(stamp(d.finished_at) for d in docs if d.finished_at)
-    refills = [c - f for c, f in zip(creates[conc:], finishes, strict=False)]
+    refills = [c - f for c, f in zip(creates[conc:], sorted(seen.values()), strict=False)]
     return {"jobs": n, "concurrency": conc, "generation_s": gen, "ideal_s": ideal,
             "makespan_s": round(makespan, 2), "ratio_to_ideal": round(makespan / ideal, 3),
             "daemon_cpu_s": round(cpu, 2), "cpu_ms_per_job": round(cpu / n * 1000, 2),
@@ -250,6 +252,7 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
             "peak_rss_mb": round(rss, 1), "polls_per_job": round(sim.stats["polls"] / n, 1),
             "polls_per_job_first_round": round(statistics.mean(polls[:conc]), 1),
             "polls_per_job_later": round(statistics.mean(polls[conc:]), 1),
+            "median_notice_s": round(statistics.median(notices), 3),
             "median_lag_s": round(statistics.median(lags), 3),
             "median_refill_s": round(statistics.median(refills), 3),
             "first_create_s": round(creates[0] - start, 3),

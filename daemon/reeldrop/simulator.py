@@ -226,6 +226,7 @@ class Simulator:
             return web.json_response({"name": name})
         if op.done_at is None:
             op.done_at = time.time() - (time.monotonic() - op.ready_at)  # when it finished
+            self.events.append((time.time(), "done_seen", op.prompt))  # first told
         if op.outcome == "fail":
             return web.json_response({"name": name, "done": True, "error": {
                 "code": 13, "message": "Video generation failed due to an internal error."}})
