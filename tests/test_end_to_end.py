@@ -155,14 +155,18 @@ async def test_a_name_with_a_video_is_never_overwritten(tmp_path: Path, sim: Sim
     assert (outbox / "cat.mp4").read_bytes() == first
 
 
+@pytest.mark.parametrize("others", [0, 1500])
 async def test_a_big_batch_keeps_taken_names_and_reuses_failed_ones(
-        tmp_path: Path, sim: Simulator) -> None:
-    """Forty-four files waiting at start are claimed in batches, the big ones looking names up
-    in one listing of the outbox: a name with a video, with the first of several videos or
-    with another job's live sidecar gets NAME.2; a name whose job failed without a video is
-    reused; nothing already in the outbox is touched."""
+        tmp_path: Path, sim: Simulator, others: int) -> None:
+    """Forty-four files waiting at start are claimed in batches (8, 16, 20), the big ones
+    looking names up in one listing of the outbox, or, once it holds more than 50 entries per
+    file of the batch (``others`` files of other jobs), one name at a time: either way a name
+    with a video, with the first of several videos or with another job's live sidecar gets
+    NAME.2; a name whose job failed without a video is reused; nothing there is touched."""
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     outbox.mkdir()
+    for i in range(others):
+        (outbox / f"other{i}.mp4").write_bytes(b"")
     (outbox / "kept.mp4").write_bytes(b"someone's video")
     (outbox / "many-1.mp4").write_bytes(b"someone's first video")
     stamp = "2026-01-01T00:00:00.000Z"

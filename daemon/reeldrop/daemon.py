@@ -315,7 +315,7 @@ class Daemon:
         logger = log.get().bind()  # bound once: a lazy logger binds anew at every call
         # A big batch looks output names up in one listing of the outbox; a few files make
         # fewer lookups than listing a full outbox would cost.
-        names = contextlib.nullcontext() if durable else self.intake.outbox_listed()
+        names = contextlib.nullcontext() if durable else self.intake.outbox_listed(len(paths))
         with names:
             runs = [run for path in paths
                     if (run := self._claim_and_accept(path, durable, logger))]
