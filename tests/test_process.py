@@ -77,7 +77,9 @@ async def start_with_jobs(tmp_path: Path, sim: Simulator, env: dict[str, str],
 
 async def test_notify_ready_status_watchdog_and_stopping(
         tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
-    """READY=1 after the scan, STATUS= lines, WATCHDOG=1 at half the interval, STOPPING=1."""
+    """READY=1 after the scan, STATUS= lines, WATCHDOG=1 at half the interval from the start
+    (before READY=1: the first pass over a backlog must not starve the watchdog), and
+    STOPPING=1."""
     listener = NotifyListener(tmp_path / "notify.sock")
     drop(tmp_path / "inbox", "early.prompt", "dropped before the start")
     env = {**env_with_key(daemon_env), "NOTIFY_SOCKET": str(listener.path),
@@ -101,6 +103,7 @@ async def test_notify_ready_status_watchdog_and_stopping(
     assert max(gaps) < 0.4, gaps  # half of WATCHDOG_USEC, with room for a busy machine
     assert any(m.startswith("STATUS=") and "in flight" in m for m in messages)
     assert messages.index("READY=1") < messages.index("STOPPING=1")
+    assert messages.index("WATCHDOG=1") < messages.index("READY=1")
 
 
 @pytest.mark.parametrize("event_loop", ["auto", "asyncio"])

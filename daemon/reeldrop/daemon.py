@@ -2,10 +2,11 @@
 
 Tasks are owned by one TaskGroup: ``concurrency`` workers (jobs at the service), a task per
 download (at most ``download_concurrency``), the intake loop (scan → claim → accept → queue),
-the watcher pump (hints), and the heartbeat (sd_notify). Signal handlers only set flags. On
-the first SIGTERM/SIGINT intake stops; tasks in the middle of a create call or a download get
-``shutdown_grace_s`` to finish it; everything else is cancelled at once, which is safe because
-every step is persisted before the next begins. A second signal skips the grace.
+the watcher pump (hints), the heartbeat (sd_notify) and the saving of what was learned.
+Signal handlers only set flags. On the first SIGTERM/SIGINT intake stops; tasks in the middle
+of a create call or a download get ``shutdown_grace_s`` to finish it; everything else is
+cancelled at once, which is safe because every step is persisted before the next begins. A
+second signal skips the grace.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Daemon:
             async with contextlib.AsyncExitStack() as closing:  # after every task has ended
                 async with asyncio.TaskGroup() as tg:
                     self.group = tg
-                    helpers = [tg.create_task(self.watch())]
+                    helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
                     await asyncio.sleep(0.05)  # let awatch set up before the first scan
                     helpers.append(tg.create_task(self.intake_loop()))
                     await self.ready.wait()  # the first pass: files waiting are claimed first
@@ -87,7 +88,7 @@ class Daemon:
                     await asyncio.to_thread(self.load_learned)
                     workers = [tg.create_task(self.worker())
                                for _ in range(self.config.concurrency)]
-                    helpers.append(tg.create_task(self.heartbeat()))
+                    helpers.append(tg.create_task(self.keep_learned()))
                     await self.main_loop(recovered)
                     await self.shutdown(workers, helpers)
                 await self.save_learned()
@@ -348,16 +349,19 @@ class Daemon:
             poll_delay_ms=self.config.poll_delay_ms)
 
     async def heartbeat(self) -> None:
+        """sd_notify's watchdog and status, from the start (a long first pass included)."""
         interval = min(self.notifier.watchdog_s or 2.0, 2.0)
-        saved = time.monotonic()
         while True:
             if self.notifier.watchdog_s is not None:
                 self.notifier.send("WATCHDOG=1")
             self.notifier.status(self.summary())
-            if time.monotonic() - saved >= LEARNED_SAVE_S:
-                saved = time.monotonic()
-                await self.save_learned()
             await asyncio.sleep(interval)
+
+    async def keep_learned(self) -> None:
+        """Save what was learned about generation times every ``LEARNED_SAVE_S``."""
+        while True:
+            await asyncio.sleep(LEARNED_SAVE_S)
+            await self.save_learned()
 
     def load_learned(self) -> None:
         """Start from what an earlier run learned about generation times, if it left any."""
