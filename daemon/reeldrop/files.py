@@ -100,6 +100,8 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
     rebuilt from a durable record at start-up (the public sidecars).
     """
     parent, name = os.path.split(os.fspath(path))  # strings: this runs for every state change
+    if exclusive and _unnamed_ok and _write_unnamed(parent, os.fspath(path), data, mode, durable):
+        return
     tmp = os.path.join(parent, f".{name}.{os.getpid()}.{_TMP_TAG}-{next(_tmp_serial)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
@@ -121,3 +123,43 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
         raise
     if durable:
         fsync_dir(parent or ".")
+
+
+# Linux: unnamed files, named through /proc. Until a filesystem refuses them.
+_unnamed_ok = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+
+@functools.cache
+def _proc_fds() -> int:
+    """This process's /proc/self/fd, opened once (the unnamed files' names)."""
+    return os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _write_unnamed(parent: str, path: str, data: bytes, mode: int, durable: bool) -> bool:
+    """``atomic_write(exclusive=True)`` through an unnamed file (``O_TMPFILE``) given its name
+    by ``linkat``, which refuses an existing name. One entry added to the directory instead of
+    a temp name added, then moved (a claim's first sidecar: a seventh of a claim's time in a
+    big outbox on ext4), and a crash leaves nothing behind. False if the filesystem has no
+    unnamed files (the caller falls back, and so does every later call)."""
+    global _unnamed_ok  # noqa: PLW0603 - a one-way switch, set once per process
+    try:
+        fd = os.open(parent or ".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            raise
+        _unnamed_ok = e.errno == errno.ENOENT  # a missing directory says nothing of the fs
+        return False
+    try:
+        if mode & _umask():
+            os.fchmod(fd, mode)
+        write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+        # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the file itself (os.link takes
+        # linkat only with a directory fd given). FileExistsError if the name is taken.
+        os.link(str(fd), path, src_dir_fd=_proc_fds(), follow_symlinks=True)
+    finally:
+        os.close(fd)
+    if durable:
+        fsync_dir(parent or ".")
+    return True
