@@ -79,8 +79,8 @@ class Runner:
         ``submitted`` is called once the operation is known.
 
         Returns what the download stage needs, or, if the member failed, its final write,
-        still under way (see ``_settle_later``). The caller frees the member's generation
-        slot here: the download holds none. Cancellation keeps the member resumable.
+        still under way (see ``_settle_later``). Once it returns, the member's generation slot
+        is free: the download holds none. Cancellation keeps the member resumable.
         """
         member = run.members[index - 1]
         logger = log.get()
