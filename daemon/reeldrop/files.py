@@ -93,8 +93,9 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
                  durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (and, if ``durable``, survive a power cut).
 
-    With ``exclusive``, the file must not exist yet (FileExistsError otherwise): the final step
-    is ``rename_noreplace()`` instead of ``rename()``. Without ``durable`` the
+    With ``exclusive``, the file must not exist yet (FileExistsError otherwise): it is an
+    unnamed file given its name by ``linkat`` (``_write_unnamed``), or where the filesystem
+    has none, a temp file moved with ``rename_noreplace()``. Without ``durable`` the
     fsyncs are skipped: readers still see the old file or the new one, never a torn one, and
     a process crash cannot lose it; only a machine crash can, which suits copies that are
     rebuilt from a durable record at start-up (the public sidecars).
@@ -106,11 +107,7 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
-            if mode & _umask():
-                os.fchmod(fd, mode)  # the umask must not decide what consumers can read
-            write_all(fd, data)
-            if durable:
-                os.fsync(fd)
+            _fill(fd, data, mode, durable)
         finally:
             os.close(fd)
         if exclusive:
@@ -123,6 +120,15 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o640, *, exclusive:
         raise
     if durable:
         fsync_dir(parent or ".")
+
+
+def _fill(fd: int, data: bytes, mode: int, durable: bool) -> None:
+    """A new file's bytes and mode (the umask must not decide what consumers can read)."""
+    if mode & _umask():
+        os.fchmod(fd, mode)
+    write_all(fd, data)
+    if durable:
+        os.fsync(fd)
 
 
 # Linux: unnamed files, named through /proc. Until a filesystem refuses them.
@@ -150,11 +156,7 @@ def _write_unnamed(parent: str, path: str, data: bytes, mode: int, durable: bool
         _unnamed_ok = e.errno == errno.ENOENT  # a missing directory says nothing of the fs
         return False
     try:
-        if mode & _umask():
-            os.fchmod(fd, mode)
-        write_all(fd, data)
-        if durable:
-            os.fsync(fd)
+        _fill(fd, data, mode, durable)
         # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the file itself (os.link takes
         # linkat only with a directory fd given). FileExistsError if the name is taken.
         os.link(str(fd), path, src_dir_fd=_proc_fds(), follow_symlinks=True)

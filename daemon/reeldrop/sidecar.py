@@ -31,7 +31,6 @@ class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
 
 
-
 def now() -> str:
     """RFC 3339 UTC timestamp with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
