@@ -150,6 +150,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return self.models.get(model) or BUILTIN_MODELS.get(model)
 
     @property
+    def downloads(self) -> int:
+        """Downloads at once: ``download_concurrency``, by default ``concurrency``."""
+        return self.download_concurrency or self.concurrency
+
+    @property
     def spool(self) -> Path:
         if self.state_dir is not None:
             return self.state_dir

@@ -66,7 +66,7 @@ class Daemon:
         self.wake = asyncio.Event()
         self.stop_watching = asyncio.Event()
         self.intake_thread = ThreadPoolExecutor(1, thread_name_prefix="reeldrop-intake")
-        self.download_slots = asyncio.Semaphore(config.download_concurrency or config.concurrency)
+        self.download_slots = asyncio.Semaphore(config.downloads)
         self.delivering: set[asyncio.Task[None]] = set()  # downloads, each in its own task
 
     def run(self) -> int:

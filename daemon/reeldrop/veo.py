@@ -115,8 +115,8 @@ def open_session(config: Config) -> aiohttp.ClientSession:
     """The process's one session: a connection per job slot and per download slot (and a
     few spare), DNS answers kept 5 minutes, and no cookie jar (the API needs none, and the
     jar's filtering was a tenth of each poll's CPU). Call it inside the event loop."""
-    slots = config.concurrency + (config.download_concurrency or config.concurrency)
-    connector = aiohttp.TCPConnector(limit=slots + 4, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=config.concurrency + config.downloads + 4,
+                                     ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
 
