@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from reeldrop.daemon import GC_YOUNG_THRESHOLD, tune_gc
+from reeldrop.runtime import GC_YOUNG_THRESHOLD, tune_gc
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import (

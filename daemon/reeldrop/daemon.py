@@ -18,7 +18,7 @@ import gc
 import importlib
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,10 +27,10 @@ import msgspec
 
 from . import blocking, log, watcher
 from .config import Config
-from .errors import ConfigError
 from .files import PARTIAL_DIR, atomic_write
 from .intake import Intake
 from .notify import Notifier
+from .runtime import event_loop_runner, tune_gc
 from .scheduler import SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
@@ -47,7 +47,6 @@ LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each k
 LEARNED_SAVE_S = 60.0  # how often what was learned is saved (and at shutdown)
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
 DELIVERY_DEFER_MAX_S = 0.25  # how long a download lets its slot's next submission go first
-GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
 
 
 class Daemon:
@@ -108,7 +107,7 @@ class Daemon:
         claims took three times as long as the next. In a thread, so the loop runs meanwhile.
         """
         await asyncio.to_thread(importlib.import_module, f"{__package__}.runner")
-        gc.freeze()  # what it loaded lives as long as the process, too (see tune_gc)
+        gc.freeze()  # what it loaded lives as long as the process, too (see runtime.tune_gc)
         from .runner import Runner  # noqa: PLC0415 - loaded just above, off the loop
         from .veo import VeoClient, open_session  # noqa: PLC0415
 
@@ -393,32 +392,3 @@ class Daemon:
 def _release(future: asyncio.Future[None] | None) -> None:
     if future is not None and not future.done():
         future.set_result(None)
-
-
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a long-running process (before the loop).
-
-    Everything imported by now lives as long as the process: frozen, full collections no
-    longer walk it. And each HTTP request allocates hundreds of short-lived containers, so at
-    Python's default young threshold a collection ran every few requests: in the makespan
-    benchmark about 180 of them, 0.2-0.4 s of the daemon's 6 s of CPU; at 10,000, five.
-    Garbage cycles still go, only later (the idle and makespan runs' peak RSS did not move).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-
-
-def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, T]], T]:
-    """``asyncio.run``, or uvloop's: its loop and transports are C, which took about a tenth
-    off the CPU per job in the makespan benchmark. ``auto`` takes uvloop when it is installed
-    (it is a dependency wherever it builds); ``uvloop`` insists on it."""
-    if choice != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415 - optional: absent on Windows
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError("event_loop = 'uvloop', but uvloop is not installed.") from None
-        else:
-            return uvloop.run
-    return asyncio.run
