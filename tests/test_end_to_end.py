@@ -267,7 +267,9 @@ async def test_a_done_jobs_download_lets_the_next_submission_go_first(
     second job's create call is answered (when a round finishes together, the create calls
     start the service's clock first); but never later than DELIVERY_DEFER_MAX_S after it
     would have: a create call that takes a second does not hold the download back."""
-    sim = Simulator(SimConfig(latency_s=0.2, latency_jitter_s=0.0,
+    # The first generation lasts a second so that the second job is surely queued by the time
+    # it is done, even on a loaded machine (with 0.2 s, CI once queued it too late).
+    sim = Simulator(SimConfig(latency_s=1.0, latency_jitter_s=0.0,
                               create_latency_s=create_latency_s))
     await sim.start()
     outbox = tmp_path / "outbox"
@@ -276,6 +278,9 @@ async def test_a_done_jobs_download_lets_the_next_submission_go_first(
             drop(tmp_path / "inbox", "first.prompt", "the first")
             await until((outbox / "first.json").exists, what="first claimed")
             drop(tmp_path / "inbox", "second.prompt", "the second")
+            await until((outbox / "second.json").exists, what="second claimed")
+            assert not any(kind == "done_seen" for _, kind, _ in sim.events), \
+                "the setup needs the second job queued while the first still generates"
             await until(finished(outbox, 2), timeout=30)
     finally:
         await sim.stop()
