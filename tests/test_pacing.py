@@ -26,8 +26,9 @@ from .support import drop, finished, make_config, running, sidecars, until
 def test_the_first_look_is_learned_per_kind_and_pulled_earlier_by_fast_jobs(
         tmp_path: Path) -> None:
     """With nothing learned the first look is poll_initial_s; after jobs of a kind that ran
-    ~60 s it comes near 60 s for that kind only; jobs found done at their first look pull it
-    back towards poll_initial_s. Each time less up to one poll interval, at random."""
+    ~60 s it comes near 60 s for that kind only (each job counted at the middle of its last
+    running look and the look that found it done); jobs found done at their first look pull
+    it earlier. Each time less up to half a poll interval, at random."""
     config = make_config(tmp_path, "http://127.0.0.1:9/v1beta", poll_initial_s=8.0,
                          poll_min_s=0.5, poll_max_s=20.0, poll_fraction=0.06, poll_jitter=0.1)
     first, rng = FirstLook(), random.Random(3)
@@ -37,16 +38,17 @@ def test_the_first_look_is_learned_per_kind_and_pulled_earlier_by_fast_jobs(
     def looks(kind: object) -> list[float]:
         return [first.wait_s(kind, config, rng) for _ in range(200)]
 
-    cold = looks(slow)  # the interval at 8 s is 0.5 s (the floor), ±10%
-    assert 8.0 - 0.55 <= min(cold) < 7.7 and 7.9 < max(cold) <= 8.0  # spread over it
-    for bound in range(58, 68):
-        first.finished(slow, float(bound))
-    learned = looks(slow)  # the interval at 58 s is 6% of it, ±10%
-    assert 58 - 58 * 0.06 * 1.1 <= min(learned) < 56.5 and 57.5 < max(learned) <= 58
+    cold = looks(slow)  # the interval at 8 s is 0.5 s (the floor), ±10%: spread over half
+    assert 8.0 - 0.28 <= min(cold) < 7.8 and 7.95 < max(cold) <= 8.0
+    for running_at in range(58, 68):  # seen running at N s, done at N + 2 s: about N + 1 s
+        first.finished(slow, running_at_s=float(running_at), done_at_s=running_at + 2.0,
+                       interval_s=2.0)
+    learned = looks(slow)  # the interval at 59 s is 6% of it, ±10%
+    assert 59 - 59 * 0.06 * 1.1 / 2 <= min(learned) < 57.8 and 58.7 < max(learned) <= 59
     assert max(looks(other)) <= 8.0
-    for _ in range(8):
-        first.finished(slow, 0.0)  # faster than the first look: done when first seen
-    assert max(looks(slow)) <= 8.0
+    for _ in range(8):  # faster than the first look: done when first seen at 20 s
+        first.finished(slow, running_at_s=None, done_at_s=20.0, interval_s=1.2)
+    assert min(looks(slow)) >= 19.4 - 1.2 * 1.1 / 2 and max(looks(slow)) <= 19.4
 
 
 @pytest.fixture

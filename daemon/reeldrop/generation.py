@@ -102,7 +102,7 @@ class Generation:
 
         deadline_s = self.config.poll_deadline_s
         await sleep(self.first_look.wait_s(kind, self.config) - age())
-        running_at = 0.0  # the operation's age at the last look that found it running
+        running_at: float | None = None  # its age at the last look that found it running
         skipped = 0  # looks skipped in a row on an older sibling's word (cold kinds)
         while True:
             looked_at = age()
@@ -116,10 +116,12 @@ class Generation:
                 op = await self._look(operation)
                 if op.done:
                     cold = not self.first_look.knows(kind)
-                    self.first_look.finished(kind, running_at)
+                    self.first_look.finished(kind, running_at_s=running_at,
+                                             done_at_s=looked_at, interval_s=interval)
                     if siblings:  # the older ones of its kind have most likely finished too,
                         # and on a cold kind the younger ones it stood in for (cold skips)
-                        reach = min(looked_at - running_at, interval) / 2 if cold else 0.0
+                        since = running_at or 0.0
+                        reach = min(looked_at - since, interval) / 2 if cold else 0.0
                         self.siblings.finished(kind, born, reach)
                     return video_uris(op)
                 running_at = looked_at

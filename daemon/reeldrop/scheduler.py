@@ -108,21 +108,26 @@ def kind_of(model: str, parameters: dict[str, Any]) -> Hashable:
 class FirstLook:
     """When to first look at a new operation, learned from the last ones of its kind.
 
-    Each finished operation leaves a lower bound of its generation time: its age at the last
-    look that found it still running (0 if the first look found it done already). The first
-    look at a new operation comes at the ``QUANTILE`` of the last ``WINDOW`` bounds of its
-    kind (never before ``poll_initial_s``), less up to one poll interval to spread the
-    looks. When jobs of one kind take about ``T``, each then costs two or three polls
-    instead of dozens. A job faster than most recent ones is noticed late, by at most
-    the learned wait, and leaves a bound of 0 that pulls the next first looks earlier: the
-    learned wait settles where about ``QUANTILE`` of the jobs finish before it.
+    Each finished operation leaves an estimate of its generation time: the middle between its
+    age at the last look that found it running and its age at the look that found it done
+    (found done at its first look: as if a look one interval earlier had found it running).
+    The first look at a new operation comes at the ``QUANTILE`` of the last ``WINDOW``
+    estimates of its kind (never before ``poll_initial_s``), less up to half a poll interval
+    to spread the looks. When jobs of one kind take about ``T``, each then costs about two
+    polls instead of dozens. A job faster than most recent ones is noticed late, by at most
+    the learned wait, and pulls the next first looks earlier: the learned wait settles where
+    about ``QUANTILE`` of the jobs finish before it.
+
+    (Recording the last running age alone, 0 for a job done at its first look, biased the
+    estimate low by up to an interval: jobs of one length took three polls, and when lengths
+    varied by a third the zeros dragged the first look back to ``poll_initial_s``.)
     """
 
     WINDOW = 32
     QUANTILE = 0.1
 
     def __init__(self) -> None:
-        self._bounds: dict[Hashable, collections.deque[float]] = {}
+        self._times: dict[Hashable, collections.deque[float]] = {}
         self.changed = False  # since the last dump()
 
     def dump(self) -> bytes:
@@ -130,34 +135,39 @@ class FirstLook:
         self.changed = False
         return msgspec.json.encode([
             _Learned(model=k[0], resolution=k[1], duration_seconds=k[2], bounds=list(b))
-            for k, b in self._bounds.items() if isinstance(k, tuple) and len(k) == 3])
+            for k, b in self._times.items() if isinstance(k, tuple) and len(k) == 3])
 
     def load(self, data: bytes) -> None:
         """Take up what an earlier ``dump()`` saved (``msgspec.DecodeError`` if unreadable)."""
         for item in _decode_learned(data):
             kind = (item.model, item.resolution, item.duration_seconds)
-            self._bounds[kind] = collections.deque(item.bounds, maxlen=self.WINDOW)
+            self._times[kind] = collections.deque(item.bounds, maxlen=self.WINDOW)
 
     def wait_s(self, kind: Hashable, config: Config, rng: random.Random | None = None) -> float:
         """Age at which to take the first look at an operation of ``kind``."""
         target = config.poll_initial_s
-        bounds = self._bounds.get(kind)
-        if bounds:
-            ordered = sorted(bounds)
+        times = self._times.get(kind)
+        if times:
+            ordered = sorted(times)
             target = max(target, ordered[int(self.QUANTILE * (len(ordered) - 1))])
-        # Up to one poll interval earlier, at random: looks do not bunch up, a look before
+        # Up to half a poll interval earlier, at random: looks do not bunch up, a look before
         # the usual time costs at most one extra poll, and the lag after an operation
         # finishes does not hang on where its time falls on one fixed grid of looks.
-        return max(0.0, target - (rng or random).uniform(0, poll_delay(target, config, rng)))
+        spread = poll_delay(target, config, rng) / 2
+        return max(0.0, target - (rng or random).uniform(0, spread))
 
-    def finished(self, kind: Hashable, running_at_s: float) -> None:
-        """An operation of ``kind`` was done; it was still running at age ``running_at_s``."""
-        self._bounds.setdefault(kind, collections.deque(maxlen=self.WINDOW)).append(running_at_s)
+    def finished(self, kind: Hashable, *, running_at_s: float | None, done_at_s: float,
+                 interval_s: float) -> None:
+        """An operation of ``kind`` was found done at age ``done_at_s``, last seen running at
+        ``running_at_s`` (None: done at its first look), ``interval_s`` its poll interval."""
+        since = done_at_s - interval_s if running_at_s is None else running_at_s
+        estimate = max(0.0, (since + done_at_s) / 2)
+        self._times.setdefault(kind, collections.deque(maxlen=self.WINDOW)).append(estimate)
         self.changed = True
 
     def knows(self, kind: Hashable) -> bool:
         """Whether anything was learned about ``kind`` (else it is cold)."""
-        return kind in self._bounds
+        return kind in self._times
 
 
 class Siblings:
@@ -235,8 +245,9 @@ def _wake(future: asyncio.Future[bool], called_in: bool) -> None:
 
 
 class _Learned(msgspec.Struct, frozen=True, kw_only=True):
-    """One kind's bounds in the saved file (unknown fields are ignored: a later version may
-    add some)."""
+    """One kind's generation-time estimates in the saved file, under the field name of
+    earlier versions (``bounds``; theirs were a little lower and age out of the window).
+    Unknown fields are ignored: a later version may add some."""
 
     model: str
     resolution: str | None = None
