@@ -18,6 +18,7 @@ from reeldrop.sidecar import Sidecar, encode
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import (
+    NamesAppearing,
     batch_through,
     drop,
     finished,
@@ -292,9 +293,9 @@ async def test_a_done_jobs_download_lets_the_next_submission_go_first(
 
 async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:
     """A watcher of NAME.json sees queued → submitting → generating → downloading →
-    succeeded, each state long enough here to be read (a slow create call, a 0.3 s
-    generation, a slow link), and never a torn file."""
-    config = SimConfig(latency_s=0.3, latency_jitter_s=0.0, create_latency_s=0.3,
+    succeeded, each state long enough here to be shown (brief_state_s) and read (a slow
+    create call, a 0.3 s generation, a slow link), and never a torn file."""
+    config = SimConfig(latency_s=0.3, latency_jitter_s=0.0, create_latency_s=0.8,
                        video_bytes=3 << 20, download_chunk_delay_s=0.15)
     sim = Simulator(config)
     await sim.start()
@@ -317,3 +318,26 @@ async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:
     order = ["queued", "submitting", "generating", "downloading", "succeeded"]
     assert seen["second"] == order
     assert seen["first"] in (order, order[1:])  # its queued state may last no time at all
+
+
+@pytest.mark.parametrize(("brief_state_s", "versions"), [(1.0, 3), (0.0, 5)])
+async def test_states_over_in_milliseconds_are_not_published(
+        tmp_path: Path, brief_state_s: float, versions: int) -> None:
+    """A create call answered and a video stored within milliseconds leave no submitting or
+    downloading version of the sidecar: queued, generating and succeeded, three versions in
+    all (the record still has every state). With brief_state_s = 0 all five appear."""
+    sim = Simulator(SimConfig(latency_s=0.3, latency_jitter_s=0.0))
+    await sim.start()
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    appearing = NamesAppearing(outbox)
+    try:
+        async with running(make_config(tmp_path, sim.base_url, brief_state_s=brief_state_s)):
+            drop(tmp_path / "inbox", "only.prompt", "the only one")
+            await until(finished(outbox, 1))
+    finally:
+        await sim.stop()
+        names = appearing.read()
+        appearing.close()
+    assert names.count("only.json") == versions, names
+    assert sidecars(outbox)["only"].state == "succeeded"

@@ -61,6 +61,7 @@ RUN_HELP = {
     "poll": "watch the inbox by polling (for network filesystems)",
     "log_format": "auto (JSON unless on a terminal), json or console",
     "event_loop": "auto (uvloop when installed), asyncio or uvloop",
+    "brief_state_s": "publish submitting/downloading once they last this long (0: always)",
 }
 
 

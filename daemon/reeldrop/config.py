@@ -135,6 +135,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     file_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o640
     dir_mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o750
     shutdown_grace_s: NonNegative = 20.0
+    brief_state_s: NonNegative = 0.25  # submitting/downloading shown once they last this long
     resubmit_unconfirmed: bool = True
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # auto: uvloop if installed
     log_format: Literal["auto", "json", "console"] = "auto"

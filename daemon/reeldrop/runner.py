@@ -37,6 +37,52 @@ from .veo import VeoClient
 PROGRESS_EVERY_S = 1.0
 
 
+class BriefState:
+    """A passing state (submitting, downloading) published only once it has lasted
+    ``brief_state_s``.
+
+    Against the service such a state lasts a second or more and is always shown. Where it
+    is over in milliseconds no watcher could act on it, and each sidecar version costs a
+    file: on ext4 without a journal every replace frees an inode that the next file creation
+    must step over (see benchmarks/README.md). ``settle()`` before the next state's write
+    keeps the versions in order.
+    """
+
+    def __init__(self, spool: Spool, member: Sidecar, after_s: float) -> None:
+        self.spool, self.member = spool, member
+        self.writing: asyncio.Future[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(after_s, self._show)
+
+    def _show(self) -> None:
+        self.writing = blocking.run(self.spool.publish, self.member)
+        self.writing.add_done_callback(_retrieve)  # settle() reports; nobody else may wait
+
+    @property
+    def busy(self) -> bool:
+        """Its write is under way (another version must not start beside it)."""
+        return self.writing is not None and not self.writing.done()
+
+    def cancel(self) -> None:
+        """Not shown unless already under way (a write that started lands regardless)."""
+        self._timer.cancel()
+
+    async def settle(self) -> None:
+        """Cancel the show, or wait until it landed: the next version must land after it.
+        A failed show is logged, not raised: the next version's write reports the outbox's
+        trouble, and it may be the answer of a create call that must be stored."""
+        self._timer.cancel()
+        if self.writing is not None:
+            try:
+                await self.writing
+            except OutputError as e:
+                log.get().warning("sidecar.brief_state_not_shown", error=e.message)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(frozen=True)
 class Generated:
     """A member whose operation is done: what its download stage needs."""
@@ -104,18 +150,19 @@ class Runner:
         keeps the member resumable: a restart polls the operation (done) and downloads again,
         resuming from the partial file.
         """
-        member = generated.member
+        # Shown, not recorded: after a crash the operation is polled again (it is done).
+        member = generated.member.moved("downloading")
+        shown = BriefState(self.spool, member, self.config.brief_state_s)
         try:
-            # Shown, not recorded: after a crash the operation is polled again (it is done).
-            member = member.moved("downloading")
-            await self.spool.show(member)
-            videos = await self._download(run, member, generated.uris)
+            videos = await self._download(run, member, generated.uris, shown)
             member = member.moved("succeeded", videos=videos, error=None, bytes_done=None,
                                   bytes_total=None)
         except asyncio.CancelledError:
+            shown.cancel()
             raise
         except Exception as e:  # noqa: BLE001 - a bug must fail this job, not the daemon
             member = self._failed(run, member.index, e)
+        await shown.settle()
         return self._settle_later(run, member, generated.started)
 
     @staticmethod
@@ -169,26 +216,44 @@ class Runner:
                 f"Gave up after {member.attempts} create attempts (create_tries) without an "
                 "operation from the service; drop the file again to retry.")
         current = member
+        shown: BriefState | None = None  # the current try's submitting state
         request = Member(prompt=member.prompt, model=member.model,
                          parameters=member.parameters, output=member.output)
 
         async def before_try() -> None:
-            nonlocal current
+            nonlocal current, shown
+            if shown is not None:
+                await shown.settle()
             current = current.moved("submitting", attempts=current.attempts + 1)
             # The try counts even if we crash in it. Only a power cut can lose an unsynced
             # record, and then the member is submitted again, which is what
             # resubmit_unconfirmed (the default) would do anyway; without it the record must
             # survive the power cut to stop that second submission.
-            await self.spool.update(run, current, durable=not self.config.resubmit_unconfirmed)
+            await self.spool.update(run, current, durable=not self.config.resubmit_unconfirmed,
+                                    public=False)
+            shown = BriefState(self.spool, current, self.config.brief_state_s)
+
+        async def persist(state: Sidecar) -> None:
+            if shown is not None:
+                await shown.settle()
+            await self.spool.update(run, state)
 
         async def store(operation: str) -> None:
             nonlocal current
             current = current.moved("generating", operation=operation, submitted_at=now())
             # Durable before anything else happens: a restart polls it, never resubmits.
-            await asyncio.shield(self.spool.update(run, current))
+            await asyncio.shield(persist(current))
 
-        await self.generation.create(request, tries=remaining, before_try=before_try,
-                                     on_created=store, guard=self._critical)
+        try:
+            await self.generation.create(request, tries=remaining, before_try=before_try,
+                                         on_created=store, guard=self._critical)
+        except Exception:
+            if shown is not None:  # the failed state is written next: after this one
+                await shown.settle()
+            raise
+        finally:
+            if shown is not None:
+                shown.cancel()
         assert current.operation is not None
         logger.info("job.submitted", operation=current.operation, attempts=current.attempts)
         return current
@@ -199,7 +264,8 @@ class Runner:
                                           age_s=lambda: _age_s(member.submitted_at),
                                           kind=kind_of(member.model, member.parameters))
 
-    async def _download(self, run: JobRun, member: Sidecar, uris: list[str]) -> list[VideoFile]:
+    async def _download(self, run: JobRun, member: Sidecar, uris: list[str],
+                        shown: BriefState) -> list[VideoFile]:
         outbox = self.spool.outbox
         partial_dir = outbox / PARTIAL_DIR
         videos: list[VideoFile] = []
@@ -209,8 +275,10 @@ class Runner:
         def progress(done: int, total: int | None) -> None:
             """Show bytes in the sidecar about once a second, never two writes at a time."""
             nonlocal last
-            if time.monotonic() - last < PROGRESS_EVERY_S or any(not f.done() for f in reporting):
+            if (time.monotonic() - last < PROGRESS_EVERY_S or shown.busy
+                    or any(not f.done() for f in reporting)):
                 return
+            shown.cancel()  # this version says more
             last = time.monotonic()
             update = member.moved("downloading", bytes_done=done, bytes_total=total)
             reporting.append(asyncio.ensure_future(self.spool.show(update)))

@@ -113,8 +113,9 @@ class Spool:
         syncfs(self.root)
 
     def save(self, run: JobRun, member: Sidecar, *, exclusive: bool = False,
-             durable: bool = True) -> None:
-        """Persist a member: spool record first (the truth), then the public sidecar.
+             durable: bool = True, public: bool = True) -> None:
+        """Persist a member: spool record first (the truth), then (if ``public``) the public
+        sidecar.
 
         An outbox deleted under us is created again; other write errors become OutputError
         (FileExistsError from an ``exclusive`` write passes through: the name is taken).
@@ -124,7 +125,8 @@ class Spool:
         except OSError as e:
             raise OutputError(f"Cannot record the job's state in {run.area}: "
                               f"{e.strerror}.") from None
-        self.publish(member, exclusive=exclusive)
+        if public:
+            self.publish(member, exclusive=exclusive)
 
     def _append(self, run: JobRun, member: Sidecar, durable: bool) -> None:
         """Add one line to the member's record; a failed write leaves no partial line."""
@@ -161,10 +163,11 @@ class Spool:
             raise OutputError(f"Cannot write the sidecar {member.output}.json into "
                               f"{self.outbox}: {e.strerror}.") from None
 
-    def record(self, run: JobRun, member: Sidecar, *, durable: bool = True) -> None:
+    def record(self, run: JobRun, member: Sidecar, *, durable: bool = True,
+               public: bool = True) -> None:
         """Persist a member's intermediate state (blocking)."""
         run.members[member.index - 1] = member
-        self.save(run, member, durable=durable)
+        self.save(run, member, durable=durable, public=public)
 
     def settle(self, run: JobRun, member: Sidecar) -> Path | None:
         """Persist a member's final state; archive the job if it was the last (blocking).
@@ -177,9 +180,12 @@ class Spool:
             self._write_batch(run)
             return self._archive_locked(run)
 
-    async def update(self, run: JobRun, member: Sidecar, *, durable: bool = True) -> None:
-        """Record a member's new state in memory and on disk (off the event loop)."""
-        await blocking.run(functools.partial(self.record, run, member, durable=durable))
+    async def update(self, run: JobRun, member: Sidecar, *, durable: bool = True,
+                     public: bool = True) -> None:
+        """Record a member's new state in memory and on disk (off the event loop); without
+        ``public`` the sidecar is left to the caller."""
+        await blocking.run(functools.partial(self.record, run, member, durable=durable,
+                                             public=public))
 
     async def show(self, member: Sidecar) -> None:
         """Publish a state that needs no record (downloading: a restart polls again)."""
