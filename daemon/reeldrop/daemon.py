@@ -23,15 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import msgspec
-
 from . import blocking, log, watcher
 from .config import Config
-from .files import PARTIAL_DIR, atomic_write
 from .intake import Intake
 from .notify import Notifier
 from .runtime import event_loop_runner, tune_gc
-from .scheduler import SubmitGate
+from .scheduler import LEARNED_FILE, LearnedFile, SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 
@@ -43,8 +40,6 @@ T = TypeVar("T")
 INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
 INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
 BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
-LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each kind finish
-LEARNED_SAVE_S = 60.0  # how often what was learned is saved (and at shutdown)
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
 DELIVERY_DEFER_MAX_S = 0.25  # how long a download lets its slot's next submission go first
 
@@ -79,18 +74,21 @@ class Daemon:
             async with contextlib.AsyncExitStack() as closing:  # after every task has ended
                 async with asyncio.TaskGroup() as tg:
                     self.group = tg
-                    helpers = [tg.create_task(self.watch()), tg.create_task(self.heartbeat())]
+                    helpers = [tg.create_task(self.watch()),
+                               tg.create_task(self.notifier.heartbeat(self.summary))]
                     await asyncio.sleep(0.05)  # let awatch set up before the first scan
                     helpers.append(tg.create_task(self.intake_loop()))
                     await self.ready.wait()  # the first pass: files waiting are claimed first
                     self.runner = await self.start_runner(closing)
-                    await asyncio.to_thread(self.load_learned)
+                    learned = LearnedFile(self.runner.generation.first_look,
+                                          self.spool.root / LEARNED_FILE, self.config.file_mode)
+                    await asyncio.to_thread(learned.load)
                     workers = [tg.create_task(self.worker())
                                for _ in range(self.config.concurrency)]
-                    helpers.append(tg.create_task(self.keep_learned()))
+                    helpers.append(tg.create_task(learned.keep()))
                     await self.main_loop(recovered)
                     await self.shutdown(workers, helpers)
-                await self.save_learned()
+                await learned.save()
         finally:
             self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
             self.notifier.close()
@@ -120,13 +118,6 @@ class Daemon:
         """Prepare directories, then re-queue what a previous run left claimed."""
         self.spool.prepare()
         runs = await asyncio.to_thread(self.spool.recover)
-        live_ids = {run.job_id for run in runs}
-        partial_dir = self.spool.outbox / PARTIAL_DIR
-        if partial_dir.is_dir():
-            for p in partial_dir.iterdir():  # partials of jobs that ended elsewhere are garbage
-                parts = p.name.split(".")
-                if len(parts) < 5 or parts[-4] not in live_ids:
-                    p.unlink(missing_ok=True)
         for run in runs:
             if run.members:
                 await asyncio.to_thread(self.spool.republish, run)
@@ -346,42 +337,6 @@ class Daemon:
             step_ms=self.config.watch_step_ms, idle_step_ms=self.config.watch_idle_step_ms,
             busy_s=self.config.watch_busy_s, force_polling=self.config.poll,
             poll_delay_ms=self.config.poll_delay_ms)
-
-    async def heartbeat(self) -> None:
-        """sd_notify's watchdog and status, from the start (a long first pass included)."""
-        interval = min(self.notifier.watchdog_s or 2.0, 2.0)
-        while True:
-            if self.notifier.watchdog_s is not None:
-                self.notifier.send("WATCHDOG=1")
-            self.notifier.status(self.summary())
-            await asyncio.sleep(interval)
-
-    async def keep_learned(self) -> None:
-        """Save what was learned about generation times every ``LEARNED_SAVE_S``."""
-        while True:
-            await asyncio.sleep(LEARNED_SAVE_S)
-            await self.save_learned()
-
-    def load_learned(self) -> None:
-        """Start from what an earlier run learned about generation times, if it left any."""
-        path = self.spool.root / LEARNED_FILE
-        try:
-            self.runner.generation.first_look.load(path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, msgspec.DecodeError) as e:  # only a cache: start afresh
-            log.get().warning("pacing.learned_unreadable", path=str(path), error=str(e))
-
-    async def save_learned(self) -> None:
-        first_look = self.runner.generation.first_look
-        if not first_look.changed:
-            return
-        data = first_look.dump()  # here, in the loop that updates it
-        try:  # not fsynced: losing it costs a few extra polls, nothing else
-            await asyncio.to_thread(atomic_write, self.spool.root / LEARNED_FILE, data,
-                                    self.config.file_mode, durable=False)
-        except OSError as e:
-            log.get().warning("pacing.learned_not_saved", error=e.strerror)
 
     def summary(self) -> str:
         c = self.counts

@@ -7,10 +7,11 @@ systemd restarts the service), ``STOPPING=1`` when shutdown begins.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
 class Notifier:
@@ -43,6 +44,16 @@ class Notifier:
         if text != self._last_status:
             self._last_status = text
             self.send(f"STATUS={text}")
+
+    async def heartbeat(self, summary: Callable[[], str]) -> None:
+        """The watchdog's pats and the status line, every 2 s at most, until cancelled (from
+        the start: a long first pass is no hang)."""
+        interval = min(self.watchdog_s or 2.0, 2.0)
+        while True:
+            if self.watchdog_s is not None:
+                self.send("WATCHDOG=1")
+            self.status(summary())
+            await asyncio.sleep(interval)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -37,12 +37,14 @@ import collections
 import random
 import time
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 
 from . import log
 from .config import Config
+from .files import atomic_write
 
 MIN_RATE_PER_MIN = 1.0
 RECOVERY = 1.05  # per accepted submission: back to full pace after a halving in ~15 calls
@@ -168,6 +170,44 @@ class FirstLook:
     def knows(self, kind: Hashable) -> bool:
         """Whether anything was learned about ``kind`` (else it is cold)."""
         return kind in self._times
+
+
+LEARNED_FILE = "first-looks.json"  # in the state dir: when operations of each kind finish
+
+
+class LearnedFile:
+    """What a ``FirstLook`` learned, kept across restarts: read at start, saved every
+    ``SAVE_EVERY_S`` and at shutdown. Only a cache: an unreadable file is started afresh,
+    and it is not fsynced (losing it costs a few extra polls, nothing else)."""
+
+    SAVE_EVERY_S = 60.0
+
+    def __init__(self, first_look: FirstLook, path: Path, mode: int) -> None:
+        self.first_look, self.path, self.mode = first_look, path, mode
+
+    def load(self) -> None:
+        """Start from what an earlier run learned, if it left anything (blocking)."""
+        try:
+            self.first_look.load(self.path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError) as e:
+            log.get().warning("pacing.learned_unreadable", path=str(self.path), error=str(e))
+
+    async def save(self) -> None:
+        if not self.first_look.changed:
+            return
+        data = self.first_look.dump()  # here, in the loop that updates it
+        try:
+            await asyncio.to_thread(atomic_write, self.path, data, self.mode, durable=False)
+        except OSError as e:
+            log.get().warning("pacing.learned_not_saved", error=e.strerror)
+
+    async def keep(self) -> None:
+        """Save every ``SAVE_EVERY_S`` until cancelled."""
+        while True:
+            await asyncio.sleep(self.SAVE_EVERY_S)
+            await self.save()
 
 
 class Siblings:

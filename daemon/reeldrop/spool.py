@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import blocking, log, sidecar
 from .errors import ConfigError, OutputError
-from .files import fsync_dir, syncfs, write_all
+from .files import PARTIAL_DIR, fsync_dir, syncfs, write_all
 from .sidecar import Sidecar
 from .spool_files import flatten_legacy, job_file, read_members, record_name, stored_jobs
 
@@ -235,7 +235,8 @@ class Spool:
                 os.rename(job_file(self.jobs, job_id, name), job_file(area, job_id, name))
 
     def recover(self) -> list[JobRun]:
-        """The jobs a previous run left claimed, after removing what a crash leaves behind."""
+        """The jobs a previous run left claimed, after removing what a crash leaves behind
+        (temp files, and partial downloads of jobs no longer claimed)."""
         for area in (self.jobs, self.failed):
             flatten_legacy(area, self.file_mode)
         _remove_temp_files(self.jobs)
@@ -256,6 +257,7 @@ class Spool:
                 log.get().warning("spool.orphan_state", job_id=job_id)
             self._move_records(job_id, stored.records, self.failed if failed else self.done)
         _remove_temp_files(self.outbox)
+        _remove_stale_partials(self.outbox / PARTIAL_DIR, {run.job_id for run in runs})
         return runs
 
 
@@ -272,6 +274,16 @@ def _remove_temp_files(directory: Path) -> None:
             if parts[1].isdigit() and _alive(int(parts[1])):
                 continue
             p.unlink(missing_ok=True)
+
+
+def _remove_stale_partials(partial_dir: Path, live_ids: set[str]) -> None:
+    """Remove partial downloads (``NAME.JOB_ID.N.mp4.part``) of jobs no longer claimed:
+    they ended elsewhere (finished, failed, or their files were removed)."""
+    with contextlib.suppress(FileNotFoundError):
+        for p in partial_dir.iterdir():
+            parts = p.name.split(".")
+            if len(parts) < 5 or parts[-4] not in live_ids:
+                p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
