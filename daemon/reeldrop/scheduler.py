@@ -261,30 +261,6 @@ class Siblings:
             _wake(future, True)
         return len(called)
 
-    def follow(self, kind: Hashable, born: float, step_s: float, reach_s: float) -> None:
-        """An operation of ``kind`` started at ``born`` was just found done: call in the
-        waiting ones that started after it once they should be done too, if they take as
-        long as it did (those started up to ``g`` after it: ``g`` from now).
-
-        Without this, the youngest of a batch (no younger sibling to call them in) waited
-        for their own next look, up to an interval late, and a round of jobs that refill
-        their slots spread by that much each time. The call-in comes ``step_s`` from now for
-        all started within ``step_s`` after it, or later for the next one (up to
-        ``reach_s``) if none is; those found done follow the next ones in turn. One still
-        running waits its own next look before it can be called in again, so this costs at
-        most one extra poll a look.
-        """
-        younger = [b for b in self._waiting.get(kind, {}).values() if born < b <= born + reach_s]
-        if younger:
-            gap = max(step_s, min(younger) - born)
-            asyncio.get_running_loop().call_later(gap, self._call_in_born, kind, born, born + gap)
-
-    def _call_in_born(self, kind: Hashable, after: float, until: float) -> None:
-        for future, b in list(self._waiting.get(kind, {}).items()):
-            if after < b <= until:
-                _wake(future, True)
-
-
     def seen_running(self, kind: Hashable, born: float, interval_s: float) -> None:
         """An operation of ``kind`` started at ``born`` was just seen running. It becomes the
         lead if it is older than the lead, or if the lead has not been seen for an interval
