@@ -279,7 +279,7 @@ def _remove_temp_files(directory: Path) -> None:
 def _remove_stale_partials(partial_dir: Path, live_ids: set[str]) -> None:
     """Remove partial downloads (``NAME.JOB_ID.N.mp4.part``) of jobs no longer claimed:
     they ended elsewhere (finished, failed, or their files were removed)."""
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for p in partial_dir.iterdir():
             parts = p.name.split(".")
             if len(parts) < 5 or parts[-4] not in live_ids:
