@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import aiohttp
@@ -10,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from reeldrop import writer
 from reeldrop.errors import APIError, DownloadError, GenerationFailed
 from reeldrop.jobs import Member
 from reeldrop.simulator import Simulator
@@ -156,3 +158,33 @@ async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator)
     assert video.bytes == 200_000
     assert sim.stats["downloads"] == before + 1
     assert sim.stats["ranged_downloads"] == 1
+
+
+@pytest.mark.parametrize("inline_below", [0, 1 << 30])
+async def test_a_long_download_is_stored_whole_and_in_order(
+        tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch,
+        inline_below: int) -> None:
+    """Chunks hashed and written in a worker thread while the next one arrives (all of them
+    with 0; none with a threshold above the video's size) land whole and in order: the file
+    is the server's bytes and its sha256 is the file's, for a fresh download and for one
+    resumed from a partial file."""
+    monkeypatch.setattr(writer, "INLINE_BELOW_BYTES", inline_below)
+    sim.config = msgspec.structs.replace(sim.config, video_bytes=5 << 20)
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        name = await client.create(MEMBER)
+        op = await client.poll(name)
+        while not op.done:
+            op = await client.poll(name)
+        [uri] = video_uris(op)
+        plain = await client.open_download(uri)
+        served = await plain.read()
+        plain.release()
+        fresh = await download_video(client, uri, tmp_path / "f.part", tmp_path / "f.mp4", 0o640)
+        partial = tmp_path / "r.part"
+        partial.write_bytes(served[:1_234_567])
+        resumed = await download_video(client, uri, partial, tmp_path / "r.mp4", 0o640)
+    for video in (fresh, resumed):
+        data = (tmp_path / video.file).read_bytes()
+        assert data == served
+        assert (video.bytes, video.sha256) == (len(served), hashlib.sha256(data).hexdigest())

@@ -7,6 +7,7 @@ follows a symlink planted by someone else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -24,6 +25,7 @@ from .veo import VeoClient
 
 Progress = Callable[[int, int | None], None]  # (bytes on disk, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
+INLINE_BELOW_BYTES = 256 << 10  # smaller chunks are hashed and written on the loop
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
@@ -113,17 +115,16 @@ async def _receive(
         fd = await blocking.run(_open_partial, partial, flags, mode, parent_mode)
     except OSError as e:
         raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
-    size = offset
+    pipe = _ChunkPipe(fd, digest)
     try:
         async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-            digest.update(chunk)
-            write_all(fd, chunk)
-            size += len(chunk)
+            await pipe.put(chunk)
             if progress is not None:
-                progress(size, expected)
+                progress(offset + pipe.stored, expected)
+        await pipe.flush()
     except (aiohttp.ClientError, TimeoutError) as e:
         raise DownloadError(
-            f"The download broke off after {size} bytes ({type(e).__name__})."
+            f"The download broke off after {offset + pipe.stored} bytes ({type(e).__name__})."
         ) from None
     except OSError as e:
         _discard(partial)
@@ -133,8 +134,56 @@ async def _receive(
             + (" (the disk is full)." if full else ".")
         ) from None
     finally:
-        os.close(fd)
-    return size, expected, digest
+        pipe.close()
+    return offset + pipe.stored, expected, digest
+
+
+class _ChunkPipe:
+    """Hashes and writes a download's chunks in a worker thread, one at a time, while the
+    loop receives the next: both release the interpreter lock on large buffers, and a
+    stalled disk stalls this download, not the loop. The wait for a chunk is shielded: a
+    cancelled download must not leave a thread writing to a closed file descriptor."""
+
+    def __init__(self, fd: int, digest: hashlib._Hash) -> None:
+        self.fd, self.digest = fd, digest
+        self.stored = 0  # bytes hashed and written
+        self._pending: asyncio.Future[None] | None = None
+        self._pending_bytes = 0
+
+    async def put(self, chunk: bytes) -> None:
+        """Wait for the previous chunk (its write error is raised here), then hand this on;
+        a small one is stored at once (a thread hop would cost more than it saves: a small
+        video is one small chunk)."""
+        await self.flush()
+        if len(chunk) < INLINE_BELOW_BYTES:
+            self._store(chunk)
+            self.stored += len(chunk)
+            return
+        self._pending = blocking.run(self._store, chunk)
+        self._pending_bytes = len(chunk)
+
+    async def flush(self) -> None:
+        if self._pending is not None:
+            await asyncio.shield(self._pending)
+            self._pending, self.stored = None, self.stored + self._pending_bytes
+
+    def _store(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        write_all(self.fd, chunk)
+
+    def close(self) -> None:
+        """Close the file now, or once a chunk still being written is (a failed or cancelled
+        download); its error, if any, is the download's trouble already reported."""
+        pending = self._pending
+        if pending is None or pending.done():
+            self._close(pending)
+        else:
+            pending.add_done_callback(self._close)
+
+    def _close(self, pending: asyncio.Future[None] | None) -> None:
+        os.close(self.fd)
+        if pending is not None and not pending.cancelled():
+            pending.exception()  # retrieved
 
 
 def _size(path: Path) -> int:
