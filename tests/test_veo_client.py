@@ -138,16 +138,22 @@ async def test_an_expired_video_fails_with_a_message_that_says_so(
     assert "2 days" in info.value.message
 
 
+async def generated_uri(client: VeoClient) -> str:
+    """Create MEMBER and poll until done; its one video's URI."""
+    name = await client.create(MEMBER)
+    op = await client.poll(name)
+    while not op.done:
+        op = await client.poll(name)
+    [uri] = video_uris(op)
+    return uri
+
+
 async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator) -> None:
     """A partial file left by a broken transfer is resumed from its length and checked whole."""
     sim.config = msgspec.structs.replace(sim.config, video_bytes=200_000)
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))
-        name = await client.create(MEMBER)
-        op = await client.poll(name)
-        while not op.done:
-            op = await client.poll(name)
-        [uri] = video_uris(op)
+        uri = await generated_uri(client)
         whole = tmp_path / "whole.mp4"
         await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
         partial = tmp_path / "r.part"
@@ -172,11 +178,7 @@ async def test_a_long_download_is_stored_whole_and_in_order(
     sim.config = msgspec.structs.replace(sim.config, video_bytes=5 << 20)
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))
-        name = await client.create(MEMBER)
-        op = await client.poll(name)
-        while not op.done:
-            op = await client.poll(name)
-        [uri] = video_uris(op)
+        uri = await generated_uri(client)
         plain = await client.open_download(uri)
         served = await plain.read()
         plain.release()
