@@ -186,9 +186,7 @@ async def test_an_old_operation_is_looked_at_when_a_younger_sibling_finishes(
         ops = [await generation.create(Member(prompt=f"{name} [latency=0.3]", model=config.model,
                                               parameters={}, output=name))
                for name in ("old", "young")]
-        started = time.monotonic()
-        old = asyncio.create_task(generation.wait(
-            ops[0], age_s=lambda: 100 + time.monotonic() - started, kind=kind))
+        old = asyncio.create_task(generation.wait(ops[0], age_s=100.0, kind=kind))
         young = asyncio.create_task(generation.wait(ops[1], kind=kind))
         await asyncio.wait_for(young, 5)
         done, _ = await asyncio.wait([old], timeout=1.0)
@@ -210,9 +208,7 @@ async def test_a_called_in_operation_still_running_waits_its_own_time_before_the
         prompts = ("slow [latency=30]", "young [latency=0.2]", "younger [latency=0.6]")
         ops = [await generation.create(Member(prompt=p, model=config.model, parameters={},
                                               output=p.split()[0])) for p in prompts]
-        started = time.monotonic()
-        slow = asyncio.create_task(generation.wait(
-            ops[0], age_s=lambda: 100 + time.monotonic() - started, kind=kind))
+        slow = asyncio.create_task(generation.wait(ops[0], age_s=100.0, kind=kind))
         await asyncio.wait_for(asyncio.gather(
             *(generation.wait(op, kind=kind) for op in ops[1:])), 5)
         await asyncio.sleep(0.1)

@@ -73,23 +73,21 @@ class Generation:
         self,
         operation: str,
         *,
-        age_s: Callable[[], float] | None = None,
+        age_s: float = 0.0,
         on_poll: Callable[[float], None] | None = None,
         kind: Hashable = None,
     ) -> list[str]:
         """Poll on the adaptive schedule until done; the video URIs, or a typed failure.
 
-        ``age_s`` tells the operation's age, read once as the wait begins (it may predate
-        this process); by default it is counted from this call. ``kind``
+        ``age_s`` is the operation's age as the wait begins (it may predate this process);
+        by default it is counted from this call. ``kind``
         (``scheduler.kind_of``) lets the first look come when operations like this one
         usually finish, and (``poll_siblings``) lets a younger operation of the kind found
         done call this one in early (``scheduler.Siblings``), and while the kind is cold, an
         older one just seen running stand in for some of this one's looks
         (``poll_cold_skips``).
         """
-        # When the operation started, on this clock; from here on its age is counted on it
-        # (one look at the wall clock, not a timestamp parsed at every look).
-        born = time.monotonic() - (age_s() if age_s is not None else 0.0)
+        born = time.monotonic() - age_s  # when the operation started, on this clock
 
         def age() -> float:
             return time.monotonic() - born

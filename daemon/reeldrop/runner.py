@@ -261,7 +261,7 @@ class Runner:
     async def _await_done(self, member: Sidecar) -> list[str]:
         assert member.operation is not None
         return await self.generation.wait(member.operation,
-                                          age_s=lambda: _age_s(member.submitted_at),
+                                          age_s=_age_s(member.submitted_at),
                                           kind=kind_of(member.model, member.parameters))
 
     async def _download(self, run: JobRun, member: Sidecar, uris: list[str],
