@@ -142,6 +142,13 @@ def run(fn: Callable[..., T], /, *args: Any) -> asyncio.Future[T]:
     return future
 
 
+def seen(future: asyncio.Future[Any]) -> None:
+    """Mark a call's error as seen, where it is reported another way (asyncio would log
+    "exception was never retrieved" for a call nobody awaits to the end)."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def drain() -> None:
     """Wait until every call this loop started has finished (the results are delivered)."""
     loop = asyncio.get_running_loop()

@@ -55,7 +55,7 @@ class BriefState:
 
     def _show(self) -> None:
         self.writing = blocking.run(self.spool.publish, self.member)
-        self.writing.add_done_callback(_retrieve)  # settle() reports; nobody else may wait
+        self.writing.add_done_callback(blocking.seen)  # settle() reports; nobody else may wait
 
     @property
     def busy(self) -> bool:
@@ -76,11 +76,6 @@ class BriefState:
                 await self.writing
             except OutputError as e:
                 log.get().warning("sidecar.brief_state_not_shown", error=e.message)
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 @dataclass(frozen=True)

@@ -182,8 +182,8 @@ class _ChunkPipe:
 
     def _close(self, pending: asyncio.Future[None] | None) -> None:
         os.close(self.fd)
-        if pending is not None and not pending.cancelled():
-            pending.exception()  # retrieved
+        if pending is not None:
+            blocking.seen(pending)
 
 
 def _size(path: Path) -> int:
