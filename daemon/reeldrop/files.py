@@ -1,7 +1,8 @@
 """Small files written atomically: a reader or a crash sees the old version or the new one.
 
 Sidecars and state go temp file → fsync → rename → directory fsync (the fsyncs only where the
-write must survive a power cut). Apart from the video download (``writer``), so that the
+write must survive a power cut); a file's first version, which must not clobber anything, is
+an unnamed file linked into place instead. Apart from the video download (``writer``), so that the
 claim path (spool, sidecars, intake) loads without the HTTP client: a daemon with a backlog
 starts claiming while aiohttp is still being imported.
 """
