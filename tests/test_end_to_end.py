@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from reeldrop import daemon as daemon_module
 from reeldrop.demo import examples_dir
 from reeldrop.sidecar import Sidecar, encode
 from reeldrop.simulator import SimConfig, Simulator
@@ -232,6 +233,12 @@ async def test_several_videos_of_one_job_are_numbered_and_keep_their_name(
     assert not (outbox / "takes.mp4").exists()
 
 
+def _event_times(sim: Simulator) -> dict[tuple[str, str], float]:
+    """(event kind, prompt) → when the simulator logged it."""
+    prompt_of = {f: op.prompt for op in sim.ops.values() for f in op.file_ids}
+    return {(kind, prompt_of.get(key, key)): t for t, kind, key in sim.events}
+
+
 async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: Path) -> None:
     """With one generation slot and one download slot: the second job is submitted while the
     first one's video is still downloading (a slot at the service is free once its operation
@@ -250,8 +257,7 @@ async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: 
             await until(finished(outbox, 3), timeout=30)
     finally:
         await sim.stop()
-    prompt_of = {f: op.prompt for op in sim.ops.values() for f in op.file_ids}
-    at = {(kind, prompt_of.get(key, key)): t for t, kind, key in sim.events}
+    at = _event_times(sim)
     # The client has every byte before the simulator's last pause: the sidecar's stamp it is.
     delivered = sidecars(outbox)["first"].finished_at
     assert delivered is not None
@@ -261,34 +267,63 @@ async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: 
     assert at["create", "the third"] > first_done
 
 
-@pytest.mark.parametrize(("create_latency_s", "waits"), [(0.1, True), (1.0, False)])
-async def test_a_done_jobs_download_lets_the_next_submission_go_first(
-        tmp_path: Path, create_latency_s: float, waits: bool) -> None:
-    """With one slot and a second job queued, the first job's download starts only once the
-    second job's create call is answered (when a round finishes together, the create calls
-    start the service's clock first); but never later than DELIVERY_DEFER_MAX_S after it
-    would have: a create call that takes a second does not hold the download back."""
-    # The first generation lasts a second so that the second job is surely queued by the time
-    # it is done, even on a loaded machine (with 0.2 s, CI once queued it too late).
-    sim = Simulator(SimConfig(latency_s=1.0, latency_jitter_s=0.0,
-                              create_latency_s=create_latency_s))
+async def test_a_rounds_create_calls_go_before_its_downloads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a round of jobs finishes together (here over 0.3 s) and more are queued, every
+    freed slot sends its next create call before any of the round's videos is downloaded: the
+    downloads wait for a lull in the taking of jobs (a create call starts the service's
+    clock; a download only ends a job)."""
+    monkeypatch.setattr(daemon_module, "DELIVERY_QUIET_S", 1.0)  # no gap in 0.3 s is as long
+    monkeypatch.setattr(daemon_module, "DELIVERY_DEFER_MAX_S", 30.0)
+    sim = Simulator(SimConfig(latency_s=0.5, latency_jitter_s=0.3))
     await sim.start()
     outbox = tmp_path / "outbox"
     try:
-        async with running(make_config(tmp_path, sim.base_url, concurrency=1)):
-            drop(tmp_path / "inbox", "first.prompt", "the first")
-            await until((outbox / "first.json").exists, what="first claimed")
-            drop(tmp_path / "inbox", "second.prompt", "the second")
-            await until((outbox / "second.json").exists, what="second claimed")
-            assert not any(kind == "done_seen" for _, kind, _ in sim.events), \
-                "the setup needs the second job queued while the first still generates"
-            await until(finished(outbox, 2), timeout=30)
+        async with running(make_config(tmp_path, sim.base_url, concurrency=8)):
+            for i in range(24):  # three rounds: the queue is not empty while the first ends
+                drop(tmp_path / "inbox", f"job-{i:02}.prompt", f"job {i:02}")
+            await until(finished(outbox, 24), timeout=60)
     finally:
         await sim.stop()
-    prompt_of = {f: op.prompt for op in sim.ops.values() for f in op.file_ids}
-    at = {(kind, prompt_of.get(key, key)): t for t, kind, key in sim.events}
-    answered = at["create", "the second"]  # the simulator logs a create once it answers
-    assert (at["download_start", "the first"] > answered) is waits
+    at = _event_times(sim)
+    created = sorted((t, prompt) for (kind, prompt), t in at.items() if kind == "create")
+    first, second = [p for _, p in created[:8]], [t for t, _ in created[8:16]]
+    assert len({at["done_seen", p] for p in first}) > 1, "the first round ended at one look"
+    assert max(second) < min(at["download_start", p] for p in first)
+
+
+@pytest.mark.parametrize(("jobs", "quiet_s", "max_s", "low_s", "high_s"), [
+    (3, 0.5, 30.0, 0.4, 3.0),  # a job is queued: the download waits for the lull ...
+    (3, 30.0, 0.5, 0.4, 3.0),  # ... but never longer than DELIVERY_DEFER_MAX_S
+    (2, 30.0, 30.0, -1.0, 0.4),  # nothing queued: nothing to let go first
+])
+async def test_a_download_waits_for_a_lull_in_submissions_while_jobs_are_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int, quiet_s: float,
+        max_s: float, low_s: float, high_s: float) -> None:
+    """With one slot, the first job's download starts DELIVERY_QUIET_S after the slot took the
+    second job, or DELIVERY_DEFER_MAX_S after the first was found done, whichever is sooner;
+    and at once when no job is left in the queue."""
+    monkeypatch.setattr(daemon_module, "DELIVERY_QUIET_S", quiet_s)
+    monkeypatch.setattr(daemon_module, "DELIVERY_DEFER_MAX_S", max_s)
+    # The first generation lasts a second so that the others are surely queued by the time
+    # it is done, even on a loaded machine.
+    sim = Simulator(SimConfig(latency_s=1.0, latency_jitter_s=0.0))
+    await sim.start()
+    outbox = tmp_path / "outbox"
+    names = ["first", "second", "third"][:jobs]
+    try:
+        async with running(make_config(tmp_path, sim.base_url, concurrency=1)):
+            for name in names:
+                drop(tmp_path / "inbox", f"{name}.prompt", f"the {name}")
+                await until((outbox / f"{name}.json").exists, what=f"{name} claimed")
+            assert not any(kind == "done_seen" for _, kind, _ in sim.events), \
+                "the setup needs the other jobs queued while the first still generates"
+            await until(finished(outbox, jobs), timeout=30)
+    finally:
+        await sim.stop()
+    at = _event_times(sim)
+    waited = at["download_start", "the first"] - at["create", "the second"]
+    assert low_s <= waited < high_s
 
 
 async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import importlib
 import signal
@@ -28,7 +27,7 @@ from .config import Config
 from .intake import Intake
 from .notify import Notifier
 from .runtime import event_loop_runner, tune_gc
-from .scheduler import LEARNED_FILE, LearnedFile, SubmitGate
+from .scheduler import LEARNED_FILE, LearnedFile, Lull, SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 
@@ -41,7 +40,8 @@ INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
 INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
 BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
-DELIVERY_DEFER_MAX_S = 0.25  # how long a download lets its slot's next submission go first
+DELIVERY_QUIET_S = 0.1  # a download waits until no job was taken for this long ...
+DELIVERY_DEFER_MAX_S = 2.0  # ... or this long at most (see Lull)
 
 
 class Daemon:
@@ -53,6 +53,7 @@ class Daemon:
         self.scanner = watcher.InboxScanner(inbox, config.settle_s, config.max_job_bytes)
         self.notifier = notifier or Notifier()
         self.queue: asyncio.Queue[tuple[JobRun, int]] = asyncio.Queue()
+        self.lull = Lull(DELIVERY_QUIET_S)
         self.counts = {"done": 0, "failed": 0, "busy": 0}
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
@@ -195,52 +196,47 @@ class Daemon:
 
         A done member waits here for a download slot (so downloads cannot pile up behind a
         slow link), then its download goes on in a task of its own and the slot takes the
-        next member. That download first lets the slot's next submission go (for at most
-        ``DELIVERY_DEFER_MAX_S``): when a round of jobs finishes together the loop is busy,
-        and a create call starts the service's clock, a download only ends a job.
+        next member (see ``deliver``).
 
         A failed member's final write lands while the slot takes the next one, but never
         more than one is left behind (awaited shielded: it completes).
         """
         writing: asyncio.Future[None] | None = None
-        refilled: asyncio.Future[None] | None = None  # the last download waits for it
         while True:
-            if self.queue.empty():
-                _release(refilled)  # nothing to submit: the download need not wait
             run, index = await self.queue.get()
+            self.lull.took()
             if self.queue.qsize() < self.config.queue_max // 2:
                 self.wake.set()  # intake may have paused at queue_max
             self.counts["busy"] += 1
-            last_refilled, refilled = refilled, None
             handed_off = False
             try:
                 with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
-                    outcome = await self.runner.generate(
-                        run, index, submitted=functools.partial(_release, last_refilled))
+                    outcome = await self.runner.generate(run, index)
                     if not isinstance(outcome, asyncio.Future):  # generated: download next
                         await self.download_slots.acquire()
-                        refilled = asyncio.get_running_loop().create_future()
-                        self.delivering.add(self.group.create_task(
-                            self.deliver(run, outcome, refilled)))
+                        self.delivering.add(self.group.create_task(self.deliver(run, outcome)))
                         handed_off = True
                         continue
             except Exception:  # noqa: BLE001 - one job's trouble must not stop the worker
                 log.get().exception("worker.job_error", job_id=run.job_id, index=index)
                 continue
             finally:
-                _release(last_refilled)
                 if not handed_off:
                     self.counts["busy"] -= 1
             if writing is not None:
                 await asyncio.shield(writing)
             writing = outcome
 
-    async def deliver(self, run: JobRun, generated: Generated,
-                      refilled: asyncio.Future[None]) -> None:
-        """A member's download and final write, in its own task (holding a download slot),
-        once its worker's next member is submitted (see ``worker``)."""
+    async def deliver(self, run: JobRun, generated: Generated) -> None:
+        """A member's download and final write, in its own task (holding a download slot).
+
+        While jobs are queued it first waits for a lull in the workers' taking of jobs (for
+        at most ``DELIVERY_DEFER_MAX_S``): when a round of jobs finishes together the loop is
+        saturated, and the round's create calls start the service's clock, a download only
+        ends a job (``Lull``)."""
         try:
-            await asyncio.wait([refilled], timeout=DELIVERY_DEFER_MAX_S)
+            if not self.queue.empty():
+                await self.lull.wait(DELIVERY_DEFER_MAX_S)
             await asyncio.shield(await self.runner.deliver(run, generated))
         except Exception:  # noqa: BLE001 - one job's trouble must not stop the daemon
             log.get().exception("worker.job_error", job_id=run.job_id, index=generated.member.index)
@@ -343,7 +339,3 @@ class Daemon:
         return (f"{c['busy']} in flight, {self.queue.qsize()} queued, "
                 f"{c['done']} done, {c['failed']} failed")
 
-
-def _release(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)

@@ -113,11 +113,8 @@ class Runner:
         finally:
             self.critical.discard(task)
 
-    async def generate(self, run: JobRun, index: int, *,
-                       submitted: Callable[[], None] | None = None,
-                       ) -> Generated | asyncio.Future[None]:
-        """Submit a member (unless it has an operation) and wait until its operation is done;
-        ``submitted`` is called once the operation is known.
+    async def generate(self, run: JobRun, index: int) -> Generated | asyncio.Future[None]:
+        """Submit a member (unless it has an operation) and wait until its operation is done.
 
         Returns what the download stage needs, or, if the member failed, its final write,
         still under way (see ``_settle_later``). Once it returns, the member's generation slot
@@ -129,8 +126,6 @@ class Runner:
         try:
             if member.operation is None:
                 member = await self._submit(run, member, logger)
-            if submitted is not None:
-                submitted()
             return Generated(member, await self._await_done(member), started)
         except asyncio.CancelledError:
             raise

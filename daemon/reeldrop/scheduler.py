@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import time
 from collections.abc import Hashable
@@ -89,6 +90,49 @@ class SubmitGate:
 
     def accepted(self) -> None:
         self.rate = min(self.limit, self.rate * RECOVERY + 1)
+
+
+class Lull:
+    """Whether the workers have stopped taking jobs for a moment.
+
+    When a round of jobs finishes together, every freed slot takes the next job and sends
+    its create call, and every finished one wants its download and final writes: some 5 ms
+    of the loop each, so the loop is saturated for a while. A create call starts the
+    service's clock and a download only ends a job, so downloads wait (``wait``) until no
+    job was taken for ``quiet_s``: the round's create calls go first. Against the real
+    service, jobs finish minutes apart and a download rarely waits at all.
+    """
+
+    def __init__(self, quiet_s: float) -> None:
+        self.quiet_s = quiet_s
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._last_take = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # at most one, re-armed when it fires
+
+    def took(self) -> None:
+        """A worker took a job: the lull is over until ``quiet_s`` from now."""
+        loop = asyncio.get_running_loop()
+        self._last_take = loop.time()
+        self._quiet.clear()
+        if self._timer is None:
+            self._timer = loop.call_at(self._last_take + self.quiet_s, self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = self._last_take + self.quiet_s
+        if due > loop.time():
+            self._timer = loop.call_at(due, self._check)
+        else:
+            self._timer = None
+            self._quiet.set()
+
+    async def wait(self, max_s: float) -> None:
+        """Return at the next lull, or after ``max_s`` (a steady stream of takes)."""
+        if not self._quiet.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max_s):
+                    await self._quiet.wait()
 
 
 def poll_interval(elapsed_s: float, config: Config) -> float:
