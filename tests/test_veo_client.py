@@ -166,15 +166,16 @@ async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator)
     assert sim.stats["ranged_downloads"] == 1
 
 
-@pytest.mark.parametrize("inline_below", [0, 1 << 30])
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 30])
 async def test_a_long_download_is_stored_whole_and_in_order(
         tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch,
-        inline_below: int) -> None:
-    """Chunks hashed and written in a worker thread while the next one arrives (all of them
-    with 0; none with a threshold above the video's size) land whole and in order: the file
-    is the server's bytes and its sha256 is the file's, for a fresh download and for one
-    resumed from a partial file."""
-    monkeypatch.setattr(writer, "INLINE_BELOW_BYTES", inline_below)
+        batch_bytes: int) -> None:
+    """Chunks hashed and written in worker threads while the next ones arrive (each chunk a
+    batch of its own with 1; the whole video one batch, written by the last hop, with a
+    batch size above the video's) land whole and in order: the file is the server's bytes
+    and its sha256 is the file's, for a fresh download and for one resumed from a partial
+    file."""
+    monkeypatch.setattr(writer, "BATCH_BYTES", batch_bytes)
     sim.config = msgspec.structs.replace(sim.config, video_bytes=5 << 20)
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))

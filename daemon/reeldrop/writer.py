@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -23,9 +24,9 @@ from .files import fsync_dir, write_all
 from .sidecar import VideoFile
 from .veo import VeoClient
 
-Progress = Callable[[int, int | None], None]  # (bytes on disk, bytes expected or None)
+Progress = Callable[[int, int | None], None]  # (bytes received, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
-INLINE_BELOW_BYTES = 256 << 10  # smaller chunks are hashed and written on the loop
+BATCH_BYTES = 256 << 10  # chunks gather to this size before a thread hop writes them
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
@@ -51,34 +52,35 @@ async def download_video(
     offset = _size(partial)
     resp = await client.open_download(uri, offset)
     try:
-        size, expected, digest = await _receive(resp, partial, offset, mode,
-                                                progress=progress, parent_mode=parent_mode)
+        resumed = offset > 0 and resp.status == 206 and resp.headers.get(
+            "Content-Range", "").startswith(f"bytes {offset}-")
+        file = _PartialFile(partial, mode, parent_mode, resumed=resumed)
+        if resumed:
+            file.digest, file.stored = await blocking.run(_hash_existing, partial)
+        length = resp.headers.get("Content-Length")
+        expected = file.stored + int(length) if length and length.isdigit() else None
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                await file.put(chunk)
+                if progress is not None:
+                    progress(file.received, expected)
+            resp.release()  # the connection goes back to the pool before the last writes
+            if expected is not None and file.received != expected:
+                await file.flush()  # kept for the next try to resume
+                raise DownloadError(
+                    f"The download ended at {file.received} of {expected} bytes.")
+            await file.publish(final)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise DownloadError(f"The download broke off after {file.received} bytes "
+                                f"({type(e).__name__}).") from None
+        except OSError as e:  # from writing the partial file
+            _discard(partial)
+            raise _write_error(partial, e) from None
+        finally:
+            file.close()
     finally:
         resp.release()
-    if expected is not None and size != expected:
-        raise DownloadError(f"The download ended at {size} of {expected} bytes.")
-    await blocking.run(_publish, partial, final, mode)
-    return VideoFile(file=final.name, bytes=size, sha256=digest.hexdigest())
-
-
-def _publish(partial: Path, final: Path, mode: int) -> None:
-    """Check, flush and rename a complete download into place (blocking: one thread hop for
-    the whole step, and no fsync on the event loop)."""
-    try:
-        fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if os.pread(fd, 12, 0)[4:8] != b"ftyp":
-                _discard(partial)
-                raise DownloadError(
-                    "The downloaded file is not an MP4 video (no ftyp box at its start).")
-            os.fsync(fd)  # the bytes are on disk before the name is
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        os.replace(partial, final)
-        fsync_dir(final.parent)
-    except OSError as e:
-        raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
+    return VideoFile(file=final.name, bytes=file.received, sha256=file.digest.hexdigest())
 
 
 def _open_partial(partial: Path, flags: int, mode: int, parent_mode: int | None) -> int:
@@ -93,86 +95,105 @@ def _open_partial(partial: Path, flags: int, mode: int, parent_mode: int | None)
         return os.open(partial, flags, mode)
 
 
-async def _receive(
-    resp: aiohttp.ClientResponse, partial: Path, offset: int, mode: int, *,
-    progress: Progress | None, parent_mode: int | None,
-) -> tuple[int, int | None, hashlib._Hash]:
-    """Stream the body into ``partial`` (appending if the server honoured our Range).
+def _write_error(partial: Path, e: OSError) -> OutputError:
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return OutputError(f"Cannot write the video into {partial.parent}: {e.strerror}"
+                       + (" (the disk is full)." if full else "."))
 
-    Returns (bytes on disk, bytes expected or None, sha256 of the whole file so far).
+
+class _PartialFile:
+    """A download's partial file, written only in worker threads.
+
+    Chunks gather until ``BATCH_BYTES``; each batch is then hashed and written in a thread
+    while the loop receives the next (both release the interpreter lock on large buffers),
+    one batch at a time. The first batch's hop opens the file, and the last batch's write,
+    the checks, the fsync and the rename are one hop (``publish``): a small video costs a
+    single hop, and no disk call of a download runs on the loop, so a stalled disk stalls
+    that download alone. The wait for a batch is shielded: a cancelled download must not
+    leave a thread writing to a closed file descriptor.
     """
-    resumed = offset > 0 and resp.status == 206 and resp.headers.get(
-        "Content-Range", "").startswith(f"bytes {offset}-")
-    if resumed:
-        digest, offset = await blocking.run(_hash_existing, partial)
-    else:
-        digest, offset = hashlib.sha256(), 0
-    length = resp.headers.get("Content-Length")
-    expected = offset + int(length) if length and length.isdigit() else None
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_APPEND if resumed else os.O_TRUNC
-    try:  # in a thread: creating a file can stall on a busy disk, and so would the loop
-        fd = await blocking.run(_open_partial, partial, flags, mode, parent_mode)
-    except OSError as e:
-        raise OutputError(f"Cannot write into {partial.parent}: {e.strerror}.") from None
-    pipe = _ChunkPipe(fd, digest)
-    try:
-        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-            await pipe.put(chunk)
-            if progress is not None:
-                progress(offset + pipe.stored, expected)
-        await pipe.flush()
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise DownloadError(
-            f"The download broke off after {offset + pipe.stored} bytes ({type(e).__name__})."
-        ) from None
-    except OSError as e:
-        _discard(partial)
-        full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        raise OutputError(
-            f"Cannot write the video into {partial.parent}: {e.strerror}"
-            + (" (the disk is full)." if full else ".")
-        ) from None
-    finally:
-        pipe.close()
-    return offset + pipe.stored, expected, digest
 
-
-class _ChunkPipe:
-    """Hashes and writes a download's chunks in a worker thread, one at a time, while the
-    loop receives the next: both release the interpreter lock on large buffers, and a
-    stalled disk stalls this download, not the loop. The wait for a chunk is shielded: a
-    cancelled download must not leave a thread writing to a closed file descriptor."""
-
-    def __init__(self, fd: int, digest: hashlib._Hash) -> None:
-        self.fd, self.digest = fd, digest
-        self.stored = 0  # bytes hashed and written
+    def __init__(self, path: Path, mode: int, parent_mode: int | None, *,
+                 resumed: bool) -> None:
+        self.path, self.mode, self.parent_mode = path, mode, parent_mode
+        self.flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.flags |= os.O_APPEND if resumed else os.O_TRUNC
+        self.digest = hashlib.sha256()
+        self.stored = 0  # bytes hashed and written (a resumed file's included)
+        self.fd: int | None = None
+        self._batch: list[bytes] = []
+        self._batched = 0
         self._pending: asyncio.Future[None] | None = None
         self._pending_bytes = 0
 
+    @property
+    def received(self) -> int:
+        return self.stored + self._pending_bytes + self._batched
+
     async def put(self, chunk: bytes) -> None:
-        """Wait for the previous chunk (its write error is raised here), then hand this on;
-        a small one is stored at once (a thread hop would cost more than it saves: a small
-        video is one small chunk)."""
-        await self.flush()
-        if len(chunk) < INLINE_BELOW_BYTES:
-            self._store(chunk)
-            self.stored += len(chunk)
-            return
-        self._pending = blocking.run(self._store, chunk)
-        self._pending_bytes = len(chunk)
+        """Add a chunk; once a batch is full, wait for the previous one (its write error is
+        raised here) and hand this one on."""
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= BATCH_BYTES:
+            await self._wait()
+            self._hand_on(self._store)
 
     async def flush(self) -> None:
+        """Write everything received so far."""
+        await self._wait()
+        if self._batched:
+            self._hand_on(self._store)
+            await self._wait()
+
+    async def publish(self, final: Path) -> None:
+        """Write the last batch, check and flush the file, and rename it to ``final``."""
+        await self._wait()
+        self._hand_on(functools.partial(self._publish, final=final))
+        await self._wait()
+
+    def _hand_on(self, store: Callable[[bytes], None]) -> None:
+        """Start ``store`` on the batch in a thread (every hop is ``_pending``: ``close``
+        must wait for it)."""
+        data = b"".join(self._batch)  # a lone chunk is passed on as it is, not copied
+        self._batch, self._batched = [], 0
+        self._pending, self._pending_bytes = blocking.run(store, data), len(data)
+
+    async def _wait(self) -> None:
         if self._pending is not None:
             await asyncio.shield(self._pending)
             self._pending, self.stored = None, self.stored + self._pending_bytes
+            self._pending_bytes = 0
 
-    def _store(self, chunk: bytes) -> None:
-        self.digest.update(chunk)
-        write_all(self.fd, chunk)
+    def _store(self, data: bytes) -> None:
+        if self.fd is None:
+            self.fd = _open_partial(self.path, self.flags, self.mode, self.parent_mode)
+        self.digest.update(data)
+        write_all(self.fd, data)
+
+    def _publish(self, data: bytes, final: Path) -> None:
+        """The last hop (blocking): no fsync on the event loop."""
+        try:
+            self._store(data)
+        except OSError as e:
+            _discard(self.path)
+            raise _write_error(self.path, e) from None
+        fd = self.fd
+        assert fd is not None
+        try:
+            if os.pread(fd, 12, 0)[4:8] != b"ftyp":
+                _discard(self.path)
+                raise DownloadError(
+                    "The downloaded file is not an MP4 video (no ftyp box at its start).")
+            os.fsync(fd)  # the bytes are on disk before the name is
+            os.fchmod(fd, self.mode)
+            os.replace(self.path, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
 
     def close(self) -> None:
-        """Close the file now, or once a chunk still being written is (a failed or cancelled
+        """Close the file now, or once a batch still being written is (a failed or cancelled
         download); its error, if any, is the download's trouble already reported."""
         pending = self._pending
         if pending is None or pending.done():
@@ -181,7 +202,9 @@ class _ChunkPipe:
             pending.add_done_callback(self._close)
 
     def _close(self, pending: asyncio.Future[None] | None) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if pending is not None:
             blocking.seen(pending)
 
