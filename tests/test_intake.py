@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from reeldrop import watcher
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.watcher import InboxScanner
 
@@ -34,6 +36,35 @@ def test_hidden_temporary_and_other_names_are_left_alone(tmp_path: Path) -> None
         (tmp_path / name).write_text("x")
     (tmp_path / "dir.json").mkdir()
     assert InboxScanner(tmp_path, settle_s=0, max_bytes=1 << 20).scan().ready == []
+
+
+async def test_a_burst_into_a_quiet_inbox_is_reported_while_it_lands(tmp_path: Path) -> None:
+    """In a quiet inbox (watched with the idle step, here 200 ms) a stream of new files is
+    reported within two steps of the first, though files keep arriving: a burst is claimed
+    while it lands, not once it stops or once watchfiles' debounce (here 800 ms) runs out."""
+    wake, stop = asyncio.Event(), asyncio.Event()
+    pump = asyncio.create_task(watcher.pump(
+        tmp_path, wake, stop, rescan_s=60, step_ms=5, idle_step_ms=200, busy_s=10,
+        force_polling=False, poll_delay_ms=1000))
+
+    async def stream() -> None:
+        for i in range(600):  # for 3 s or more, longer than any wait below
+            (tmp_path / f"job-{i}.prompt").write_text("a prompt")
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.sleep(0.5)  # the watch is set up
+        wake.clear()
+        started = time.monotonic()
+        files = asyncio.create_task(stream())
+        await asyncio.wait_for(wake.wait(), 5)
+        took = time.monotonic() - started
+        assert not files.done(), "the stream ended first: the test proves nothing"
+        files.cancel()
+    finally:
+        stop.set()
+        await asyncio.wait_for(pump, 5)
+    assert took < 0.6
 
 
 @pytest.fixture

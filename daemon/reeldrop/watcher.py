@@ -104,7 +104,10 @@ async def pump(
             inbox,
             watch_filter=relevant,
             recursive=False,
-            debounce=max(200, step * 4),
+            # Idle: report the first change one step after it is seen, even while more
+            # arrive (a burst landing in a quiet inbox is claimed while it lands; the busy
+            # watch that follows groups the rest). Busy: group for up to 200 ms.
+            debounce=max(200, step * 4) if busy else 1,
             step=step,
             # Busy: time out after busy_s without a change and slow down. Idle: the empty
             # yield on timeout is the periodic rescan.
