@@ -216,6 +216,37 @@ async def test_a_called_in_operation_still_running_waits_its_own_time_before_the
     assert sim.ops[ops[0]].polls == 2  # its first look, and one call-in
 
 
+@pytest.mark.parametrize(("siblings_done_at_s", "follow", "back_within_2s"), [
+    (10.6, True, True),  # its siblings' done age, after it finished: found done there
+    (10.6, False, False),  # poll_siblings off: it waits its own next look (5 s)
+    (10.2, True, False),  # too soon: one extra look finds it running, then its own time
+])
+async def test_a_younger_operation_looks_again_at_the_age_its_siblings_were_found_done(
+        tmp_path: Path, sim: Simulator, siblings_done_at_s: float, follow: bool,
+        back_within_2s: bool) -> None:
+    """An operation of 10 s found running would next be looked at 5 s later (poll_fraction
+    0.5). Its older siblings were lately found done at a little over its own time: it looks
+    once more at that age and is back at once; with poll_siblings off, or when that age comes
+    before it is done, it waits its own next look, and a look at the siblings' age costs one
+    poll at most."""
+    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                         poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0,
+                         poll_siblings=follow)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+        for _ in range(3):
+            generation.siblings.finished(kind, time.monotonic() - 100.0,
+                                         age_s=siblings_done_at_s)
+        op = await generation.create(Member(prompt="young [latency=0.5]", model=config.model,
+                                            parameters={}, output="young"))
+        waiting = asyncio.create_task(generation.wait(op, age_s=10.0, kind=kind))
+        done, _ = await asyncio.wait([waiting], timeout=2.0)
+        waiting.cancel()
+    assert bool(done) is back_within_2s
+    assert sim.ops[op].polls == (2 if follow else 1)
+
+
 @pytest.mark.parametrize("skips", [3, 0])
 async def test_a_cold_kinds_younger_operations_skip_looks_while_an_older_one_runs(
         tmp_path: Path, sim: Simulator, skips: int) -> None:
@@ -297,9 +328,10 @@ class RecordingSiblings(Siblings):
         super().__init__()
         self.reaches: list[float] = []
 
-    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0) -> int:
+    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0, *,
+                 age_s: float | None = None) -> int:
         self.reaches.append(reach_s)
-        return super().finished(kind, born, reach_s)
+        return super().finished(kind, born, reach_s, age_s=age_s)
 
 
 async def test_only_the_first_finish_of_a_cold_kind_reaches_forward(

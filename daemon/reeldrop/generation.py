@@ -83,9 +83,10 @@ class Generation:
         by default it is counted from this call. ``kind``
         (``scheduler.kind_of``) lets the first look come when operations like this one
         usually finish, and (``poll_siblings``) lets a younger operation of the kind found
-        done call this one in early (``scheduler.Siblings``), and while the kind is cold, an
-        older one just seen running stand in for some of this one's looks
-        (``poll_cold_skips``).
+        done call this one in early (``scheduler.Siblings``), lets this one look once at the
+        age at which the last ones of its kind were found done (``done_age_s``), and
+        while the kind is cold, lets an older one just seen running stand in for some of this
+        one's looks (``poll_cold_skips``).
         """
         born = time.monotonic() - age_s  # when the operation started, on this clock
 
@@ -94,6 +95,7 @@ class Generation:
 
         siblings = self.config.poll_siblings and kind is not None
         called_in = False  # the last wait was cut short by a sibling found done
+        followed = False  # it took its one look at a sibling's done age (done_age_s)
 
         async def sleep(seconds: float) -> None:
             nonlocal called_in
@@ -125,7 +127,7 @@ class Generation:
                         # and on a cold kind the younger ones it stood in for (cold skips)
                         since = running_at or 0.0
                         reach = min(looked_at - since, interval) / 2 if cold else 0.0
-                        self.siblings.finished(kind, born, reach)
+                        self.siblings.finished(kind, born, reach, age_s=looked_at)
                     return video_uris(op)
                 running_at = looked_at
                 if siblings:
@@ -142,6 +144,10 @@ class Generation:
             # round) skip ahead to it as soon as it is.
             wait = max(poll_delay(elapsed, self.config),
                        self.first_look.wait_s(kind, self.config) - elapsed)
+            if siblings and not followed:  # once: where older siblings were found done
+                usual = self.siblings.done_age_s(kind)
+                if usual is not None and elapsed < usual < elapsed + wait:
+                    wait, followed = usual - elapsed, True
             await sleep(min(wait, deadline_s - elapsed + 0.01))
 
     async def _look(self, operation: str) -> Operation:

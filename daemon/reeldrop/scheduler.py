@@ -21,7 +21,9 @@ The same likeness cuts the lag: an operation found done calls in every older one
 kind that is waiting for its next look (``Siblings``), and the first of a cold kind also the
 slightly younger ones. Those have run about as long as it needed or longer, so most are done
 too; a batch of jobs is then noticed at the first look that finds any of them done, not each
-at its own next look.
+at its own next look. The younger ones, which nobody calls in, look once more at the age at
+which the last ones of their kind were found done (their median), if that comes before
+their own next look: the youngest of a batch are then noticed about as soon as the oldest.
 
 Likeness also works the other way while a kind is still cold (nothing learned yet): an older
 operation just seen running says the younger ones are most likely running too. A younger one
@@ -262,12 +264,16 @@ class Siblings:
     next look before it can be called in again, so call-ins at most double its polls.
 
     It also keeps, per kind, the oldest operation lately seen running (the lead), which
-    vouches for the younger ones while the kind is cold (``vouched``).
+    vouches for the younger ones while the kind is cold (``vouched``), and the ages at which
+    the last ones were found done, which the younger ones follow (``done_age_s``).
     """
+
+    FOLLOW_FROM = 8  # how many of a kind's last done ages a younger operation follows
 
     def __init__(self) -> None:
         self._waiting: dict[Hashable, dict[asyncio.Future[bool], float]] = {}
         self._lead: dict[Hashable, tuple[float, float]] = {}  # kind: (born, seen running at)
+        self._done_ages: dict[Hashable, collections.deque[float]] = {}
 
     async def sleep(self, kind: Hashable, born: float, seconds: float) -> bool:
         """Wait ``seconds``, or less if an operation of ``kind`` younger than this one
@@ -288,10 +294,11 @@ class Siblings:
             if not waiting:
                 del self._waiting[kind]
 
-    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0) -> int:
-        """An operation of ``kind`` started at ``born`` was found done: call in the waiting
-        ones that started before it, or at most ``reach_s`` after it. Returns how many were
-        called in.
+    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0, *,
+                 age_s: float | None = None) -> int:
+        """An operation of ``kind`` started at ``born`` was found done (at ``age_s``, if
+        given): call in the waiting ones that started before it, or at most ``reach_s`` after
+        it. Returns how many were called in.
 
         The caller passes half the time between its last look that found it running and the
         one that found it done (that gap at most one poll interval): a sibling younger by less
@@ -300,10 +307,29 @@ class Siblings:
         once, not each at its own look). Half, and only for the first of a cold kind (the
         younger ones skipped looks on its word), because one called in too early loses a
         poll and cannot be called in again before its own next look."""
+        if age_s is not None:
+            ages = self._done_ages.get(kind)
+            if ages is None:
+                ages = self._done_ages[kind] = collections.deque(maxlen=self.FOLLOW_FROM)
+            ages.append(age_s)
         called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born + reach_s]
         for future in called:
             _wake(future, True)
         return len(called)
+
+    def done_age_s(self, kind: Hashable) -> float | None:
+        """The median age at which the last ``FOLLOW_FROM`` operations of ``kind`` were found
+        done. An operation still running short of that age looks again at it, once
+        (``Generation.wait``): the youngest of a batch that finishes together have no younger
+        sibling to call them in, and were noticed up to an interval late.
+
+        Each of those ages is at most an interval late, each on its own grid of looks, so
+        together they pin a kind's time down better than one operation's looks do. The
+        median, not the lowest: ages count from when the daemon learned an operation's name,
+        a little late under load, so the lowest is too soon for most and costs them a look;
+        where times vary, about half are done at the median."""
+        ages = self._done_ages.get(kind)
+        return sorted(ages)[len(ages) // 2] if ages else None
 
     def seen_running(self, kind: Hashable, born: float, interval_s: float) -> None:
         """An operation of ``kind`` started at ``born`` was just seen running. It becomes the
