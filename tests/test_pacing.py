@@ -9,11 +9,13 @@ import time
 from collections.abc import Hashable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
 
+from reeldrop.config import Config
 from reeldrop.generation import Generation
 from reeldrop.jobs import Member
 from reeldrop.scheduler import FirstLook, Siblings, SubmitGate, kind_of
@@ -170,6 +172,13 @@ async def test_an_operation_found_done_calls_in_the_older_ones_of_its_kind() -> 
     assert siblings.finished(kind, 99.0) == 0  # the cancelled waiters left no trace
 
 
+def long_intervals(tmp_path: Path, sim: Simulator, **overrides: Any) -> Config:
+    """A schedule without jitter whose next look at an old operation is far off (poll_fraction
+    0.5, up to a minute): a look that comes sooner was called in."""
+    return make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
+                       poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0, **overrides)
+
+
 @pytest.mark.parametrize("call_in", [True, False])
 async def test_an_old_operation_is_looked_at_when_a_younger_sibling_finishes(
         tmp_path: Path, sim: Simulator, call_in: bool) -> None:
@@ -177,9 +186,7 @@ async def test_an_old_operation_is_looked_at_when_a_younger_sibling_finishes(
     at in a minute (poll_fraction 0.5, capped at poll_max_s); the young one every 50 ms. When
     the young one is found done the old one is looked at too, and both are back within a
     second; with poll_siblings off the old one is still waiting then."""
-    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
-                         poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0,
-                         poll_siblings=call_in)
+    config = long_intervals(tmp_path, sim, poll_siblings=call_in)
     kind = kind_of(config.model, {})
     async with aiohttp.ClientSession() as session:
         generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
@@ -200,8 +207,7 @@ async def test_a_called_in_operation_still_running_waits_its_own_time_before_the
     """When durations vary, a called-in operation may still be running. It then goes back to
     its own schedule and is not called in again before its own next look: two young siblings
     finishing one after the other cost the old, slow one a single extra poll, not two."""
-    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
-                         poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0)
+    config = long_intervals(tmp_path, sim)
     kind = kind_of(config.model, {})
     async with aiohttp.ClientSession() as session:
         generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
@@ -229,9 +235,7 @@ async def test_a_younger_operation_looks_again_at_the_age_its_siblings_were_foun
     once more at that age and is back at once; with poll_siblings off, or when that age comes
     before it is done, it waits its own next look, and a look at the siblings' age costs one
     poll at most."""
-    config = make_config(tmp_path, sim.base_url, poll_initial_s=0.0, poll_min_s=0.05,
-                         poll_max_s=60.0, poll_fraction=0.5, poll_jitter=0.0,
-                         poll_siblings=follow)
+    config = long_intervals(tmp_path, sim, poll_siblings=follow)
     kind = kind_of(config.model, {})
     async with aiohttp.ClientSession() as session:
         generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
