@@ -108,9 +108,10 @@ class _PartialFile:
     while the loop receives the next (both release the interpreter lock on large buffers),
     one batch at a time. The first batch's hop opens the file, and the last batch's write,
     the checks, the fsync and the rename are one hop (``publish``): a small video costs a
-    single hop, and no disk call of a download runs on the loop, so a stalled disk stalls
-    that download alone. The wait for a batch is shielded: a cancelled download must not
-    leave a thread writing to a closed file descriptor.
+    single hop, and nothing of a download is opened, written or flushed on the loop (only
+    the partial file's size is looked up there, before the request), so a stalled disk
+    stalls that download alone. The wait for a batch is shielded: a cancelled download must
+    not leave a thread writing to a closed file descriptor.
     """
 
     def __init__(self, path: Path, mode: int, parent_mode: int | None, *,
