@@ -8,6 +8,7 @@ import random
 import resource
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -16,11 +17,12 @@ import pytest
 
 from reeldrop.config import Config
 from reeldrop.daemon import Daemon
+from reeldrop.files import PARTIAL_DIR
 from reeldrop.intake import Intake
 from reeldrop.manage import retry
 from reeldrop.sidecar import Sidecar
 from reeldrop.simulator import SimConfig, Simulator
-from reeldrop.spool import JobRun, Spool
+from reeldrop.spool import STALE_PARTIAL_S, JobRun, Spool
 
 from .support import (
     TEST_KEY,
@@ -121,6 +123,27 @@ def test_recovery_cleans_what_a_crash_leaves(tmp_path: Path) -> None:
     assert sorted(os.listdir(spool.jobs)) == [f"{live}.a.prompt", "notes.txt"]
     assert os.listdir(spool.failed) == [f"{orphan}.member-0001.jsonl"]
     assert list(spool.outbox.iterdir()) == []
+
+
+def test_recovery_keeps_partial_downloads_another_daemon_may_be_writing(tmp_path: Path) -> None:
+    """A partial download of a job not claimed here goes only once nobody has written it for
+    STALE_PARTIAL_S: a second daemon that shares the outbox, with a spool of its own, keeps
+    its downloads when this one starts. A claimed job's partial stays whatever its age."""
+    spool = Spool(tmp_path / "in" / ".reeldrop", tmp_path / "in", tmp_path / "out", 0o640, 0o750)
+    spool.prepare()
+    live = "20261101T000000Z-0000000b"
+    (spool.jobs / f"{live}.a.prompt").write_text("a")
+    partials = spool.outbox / PARTIAL_DIR
+    partials.mkdir()
+    ours, theirs, abandoned = (f"a.{live}.1.mp4.part", "b.20261101T000000Z-0000000d.1.mp4.part",
+                               "c.20261101T000000Z-0000000e.1.mp4.part")
+    for name in (ours, theirs, abandoned):
+        (partials / name).write_bytes(b"part of a video")
+    long_ago = time.time() - STALE_PARTIAL_S - 60
+    for name in (ours, abandoned):
+        os.utime(partials / name, (long_ago, long_ago))
+    spool.recover()
+    assert sorted(os.listdir(partials)) == sorted([ours, theirs])
 
 
 def test_a_claimed_link_to_a_directory_is_still_a_job_after_a_restart(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ from .files import PARTIAL_DIR, fsync_dir, syncfs, write_all
 from .sidecar import Sidecar
 from .spool_files import flatten_legacy, job_file, read_members, record_name, stored_jobs
 
+STALE_PARTIAL_S = 3600.0  # a partial download of a job not claimed here, unwritten this long
+
 
 def new_job_id() -> str:
     """Sortable by claim time, unique across daemons sharing the inbox; never holds a dot."""
@@ -277,13 +279,20 @@ def _remove_temp_files(directory: Path) -> None:
 
 
 def _remove_stale_partials(partial_dir: Path, live_ids: set[str]) -> None:
-    """Remove partial downloads (``NAME.JOB_ID.N.mp4.part``) of jobs no longer claimed:
-    they ended elsewhere (finished, failed, or their files were removed)."""
+    """Remove partial downloads (``NAME.JOB_ID.N.mp4.part``) of jobs no longer claimed here
+    that nobody has written for ``STALE_PARTIAL_S``: they ended elsewhere (finished, failed,
+    or their files were removed). The age spares the downloads of another daemon that shares
+    the outbox with a spool of its own: its jobs are not ours, and this sweep used to cut
+    its downloads off (their rename failed)."""
+    old = time.time() - STALE_PARTIAL_S
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for p in partial_dir.iterdir():
             parts = p.name.split(".")
-            if len(parts) < 5 or parts[-4] not in live_ids:
-                p.unlink(missing_ok=True)
+            if len(parts) >= 5 and parts[-4] in live_ids:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(p, follow_symlinks=False).st_mtime < old:
+                    p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
