@@ -7,6 +7,7 @@ is running, and never needs a second implementation of the daemon's logic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -90,7 +91,8 @@ def follow(outbox: Path, source: str, since: str, timeout_s: float,
 
 def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool,
           file_mode: int = 0o640) -> list[str]:
-    """Put the kept files of failed jobs back into the inbox; the names moved.
+    """Put the kept files of failed jobs back into the inbox, and drop their records; the
+    names moved.
 
     A job matches by its file name, its file's stem, or any member's output name.
     """
@@ -115,6 +117,9 @@ def retry(spool: Path, inbox: Path, names: list[str], *, all_failed: bool,
         except FileExistsError:
             continue
         os.unlink(source)
+        for record in job.records:  # that try is over; the next run keeps records of its own
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(job_file(failed_area, job_id, record))
         moved.append(job.source)
         wanted -= keys
     if wanted and not all_failed:
