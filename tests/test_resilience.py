@@ -386,13 +386,16 @@ async def finish_each_then_stop(proc: asyncio.subprocess.Process, tmp_path: Path
     assert await wait_exit(proc) == 0
 
 
+@pytest.mark.parametrize(("video_bytes", "limit"), [
+    (3_000_000, 1_000_000),  # a batch on the way fails
+    (200_000, 100_000),  # the whole video is the last batch, written by the publishing hop
+])
 async def test_a_full_disk_fails_the_job_cleanly_and_the_daemon_stays_up(
-        tmp_path: Path, daemon_env: dict[str, str]) -> None:
+        tmp_path: Path, daemon_env: dict[str, str], video_bytes: int, limit: int) -> None:
     """Writing a video past RLIMIT_FSIZE (a real EFBIG, like a full disk) fails that job with
     a clear error and no partial file; the daemon keeps serving and exits 0 on SIGTERM."""
-    sim = Simulator(SimConfig(latency_s=0.05, video_bytes=3_000_000))
+    sim = Simulator(SimConfig(latency_s=0.05, video_bytes=video_bytes))
     await sim.start()
-    limit = 1_000_000
 
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

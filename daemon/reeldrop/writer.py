@@ -173,12 +173,9 @@ class _PartialFile:
         write_all(self.fd, data)
 
     def _publish(self, data: bytes, final: Path) -> None:
-        """The last hop (blocking): no fsync on the event loop."""
-        try:
-            self._store(data)
-        except OSError as e:
-            _discard(self.path)
-            raise _write_error(self.path, e) from None
+        """The last hop (blocking): no fsync on the event loop. A failed write of the last
+        batch raises OSError, as any batch's does (``download_video`` reports it)."""
+        self._store(data)
         fd = self.fd
         assert fd is not None
         try:
