@@ -290,9 +290,9 @@ def _remove_stale_partials(partial_dir: Path, live_ids: set[str]) -> None:
             parts = p.name.split(".")
             if len(parts) >= 5 and parts[-4] in live_ids:
                 continue
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile: fine
                 if os.stat(p, follow_symlinks=False).st_mtime < old:
-                    p.unlink(missing_ok=True)
+                    p.unlink()
 
 
 def _alive(pid: int) -> bool:
