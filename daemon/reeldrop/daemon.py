@@ -299,7 +299,7 @@ class Daemon:
         are durable already. A big batch skips the per-file fsyncs: the caller makes it
         durable with one filesystem sync before any of its jobs is queued."""
         durable = len(paths) < BATCH_SYNC_FROM
-        logger = log.get().bind()  # bound once: a lazy logger binds anew at every call
+        logger = log.get()
         # A big batch looks output names up in one listing of the outbox; a few files make
         # fewer lookups than listing a full outbox would cost.
         names = contextlib.nullcontext() if durable else self.intake.outbox_listed(len(paths))
