@@ -108,10 +108,11 @@ class _PartialFile:
     while the loop receives the next (both release the interpreter lock on large buffers),
     one batch at a time. The first batch's hop opens the file, and the last batch's write,
     the checks, the fsync and the rename are one hop (``publish``): a small video costs a
-    single hop, and nothing of a download is opened, written or flushed on the loop (only
-    the partial file's size is looked up there, before the request), so a stalled disk
-    stalls that download alone. The wait for a batch is shielded: a cancelled download must
-    not leave a thread writing to a closed file descriptor.
+    single hop, and nothing of a download is opened, written, flushed or (once published)
+    closed on the loop (only the partial file's size is looked up there, before the
+    request), so a stalled disk stalls that download alone. The wait for a batch is
+    shielded: a cancelled download must not leave a thread writing to a closed file
+    descriptor.
     """
 
     def __init__(self, path: Path, mode: int, parent_mode: int | None, *,
@@ -189,6 +190,11 @@ class _PartialFile:
             fsync_dir(final.parent)
         except OSError as e:
             raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
+        # Closed here too: on the loop, a syscall waits for the interpreter lock on its way
+        # back. The bytes and the name are durable already, so an error closing is moot.
+        self.fd = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def close(self) -> None:
         """Close the file now, or once a batch still being written is (a failed or cancelled
