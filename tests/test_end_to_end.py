@@ -253,7 +253,7 @@ async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: 
                                        download_concurrency=1)):
             for name in ("first", "second", "third"):
                 drop(tmp_path / "inbox", f"{name}.prompt", f"the {name}")
-                await until(lambda n=name: (outbox / f"{n}.json").exists(), what=name)
+                await until((outbox / f"{name}.json").exists, what=name)
             await until(finished(outbox, 3), timeout=30)
     finally:
         await sim.stop()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +25,8 @@ from reeldrop.simulator import SimConfig, Simulator, running_in_thread
 
 from .support import TEST_KEY, playable_frames
 
-FAST = {"poll_initial_s": 0.05, "poll_min_s": 0.05, "poll_max_s": 0.2, "retry_base_s": 0.05,
-        "submissions_per_minute": 6000, "submit_burst": 20}
+FAST: dict[str, Any] = {"poll_initial_s": 0.05, "poll_min_s": 0.05, "poll_max_s": 0.2,
+                        "retry_base_s": 0.05, "submissions_per_minute": 6000, "submit_burst": 20}
 ROOT = Path(__file__).parent.parent
 
 

@@ -78,8 +78,9 @@ async def test_later_jobs_of_a_kind_cost_a_few_polls_not_dozens(
     assert {d.state for d in docs.values()} == {"succeeded"}
     done_at = {op.prompt: op.done_at for op in sim.ops.values()}
     for doc in docs.values():
-        assert doc.finished_at is not None and done_at[doc.prompt] is not None
-        lag_s = datetime.fromisoformat(doc.finished_at).timestamp() - done_at[doc.prompt]
+        finished_at = done_at[doc.prompt]
+        assert doc.finished_at is not None and finished_at is not None
+        lag_s = datetime.fromisoformat(doc.finished_at).timestamp() - finished_at
         assert lag_s < 1.0, (doc.output, lag_s)
 
 
@@ -283,7 +284,8 @@ async def test_a_cold_kinds_younger_operations_skip_looks_while_an_older_one_run
         assert sum(young) / len(young) >= 0.7 * old_polls, polls
     for op, at in noticed.items():
         done_at = sim.ops[op].done_at
-        assert done_at is not None and at - done_at < 0.3, (sim.ops[op].prompt, at - done_at)
+        assert done_at is not None
+        assert at - done_at < 0.3, (sim.ops[op].prompt, at - done_at)
 
 
 async def test_a_cold_operation_finishing_before_an_older_sibling_is_noticed_in_time(
@@ -305,7 +307,8 @@ async def test_a_cold_operation_finishing_before_an_older_sibling_is_noticed_in_
         noticed = time.time()
         slow.cancel()
     done_at = sim.ops[ops[1]].done_at
-    assert done_at is not None and noticed - done_at < 0.4, noticed - done_at
+    assert done_at is not None
+    assert noticed - done_at < 0.4, noticed - done_at
     assert sim.ops[ops[1]].polls <= 6, sim.ops[ops[1]].polls  # ~12 looks, most skipped
 
 

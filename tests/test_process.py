@@ -249,7 +249,7 @@ def test_tune_gc_freezes_what_start_up_made_and_collects_young_objects_less_ofte
         assert gc.get_freeze_count() > 10_000
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
         young = gc.get_stats()[0]["collections"]
-        containers = [[] for _ in range(5000)]
+        containers: list[list[int]] = [[] for _ in range(5000)]
         assert gc.get_stats()[0]["collections"] == young
         del containers
     finally:

@@ -466,6 +466,7 @@ async def test_spent_budgets_end_in_a_failed_sidecar_with_the_last_error(tmp_pat
     assert "RESOURCE_EXHAUSTED" in quota.error.message
     assert slow.state == "failed"
     assert slow.error is not None and slow.error.type == "GenerationTimeout"
+    assert slow.operation is not None
     assert "poll_deadline_s" in slow.error.message and slow.operation in slow.error.message
 
 

@@ -70,7 +70,7 @@ async def test_created_files_and_directories_get_the_configured_modes(
 
 def _mdwe_supported() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return libc.prctl(66, 0, 0, 0, 0) >= 0  # PR_GET_MDWE
+    return bool(libc.prctl(66, 0, 0, 0, 0) >= 0)  # PR_GET_MDWE
 
 
 @pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux < 6.3)")

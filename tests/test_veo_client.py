@@ -55,8 +55,10 @@ def test_finished_operations_map_to_uris_or_reasons() -> None:
     ok = Operation(name="n", done=True, response=msgspec_response(
         {"generatedSamples": [{"video": {"uri": URI}}]}))
     assert video_uris(ok) == [URI]
-    for body, needle in [({"raiMediaFilteredCount": 1}, "safety filter"),
-                         ({"generatedSamples": []}, "no video"), ({}, "no video")]:
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"raiMediaFilteredCount": 1}, "safety filter"), ({"generatedSamples": []}, "no video"),
+        ({}, "no video")]
+    for body, needle in cases:
         with pytest.raises(GenerationFailed, match=needle):
             video_uris(Operation(name="n", done=True, response=msgspec_response(body)))
 
