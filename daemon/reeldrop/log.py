@@ -18,6 +18,9 @@ import structlog
 _KEY_SHAPE = re.compile(r"AIza[0-9A-Za-z_\-]{20,}")
 REDACTED = "[redacted]"
 
+Logger = structlog.typing.FilteringBoundLogger
+_configured: Logger | None = None  # the logger of the last configure(), see get()
+
 
 class Redactor:
     """A structlog processor that scrubs known secrets and key-shaped strings from every value."""
@@ -88,15 +91,9 @@ def configure(
     root.setLevel(max(numeric, logging.WARNING))
 
 
-Logger = structlog.typing.FilteringBoundLogger
-
-
 def job_context(**fields: Any) -> Any:
     """Bind fields (the job id) to every log line in this task until the block ends."""
     return structlog.contextvars.bound_contextvars(**fields)
-
-
-_configured: Logger | None = None  # set by configure()
 
 
 def get(**bound: Any) -> Logger:
