@@ -16,7 +16,7 @@ from reeldrop import log
 def restore_logging() -> Iterator[None]:
     """Leave structlog and the root logger as the test found them."""
     config, handlers = structlog.get_config(), logging.getLogger().handlers[:]
-    configured = getattr(log, "_configured", None)
+    configured = log._configured
     yield
     structlog.configure(**config)
     logging.getLogger().handlers[:] = handlers

@@ -78,9 +78,9 @@ async def test_later_jobs_of_a_kind_cost_a_few_polls_not_dozens(
     assert {d.state for d in docs.values()} == {"succeeded"}
     done_at = {op.prompt: op.done_at for op in sim.ops.values()}
     for doc in docs.values():
-        finished_at = done_at[doc.prompt]
-        assert doc.finished_at is not None and finished_at is not None
-        lag_s = datetime.fromisoformat(doc.finished_at).timestamp() - finished_at
+        op_done_at = done_at[doc.prompt]
+        assert doc.finished_at is not None and op_done_at is not None
+        lag_s = datetime.fromisoformat(doc.finished_at).timestamp() - op_done_at
         assert lag_s < 1.0, (doc.output, lag_s)
 
 
