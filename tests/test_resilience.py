@@ -22,7 +22,8 @@ from reeldrop.intake import Intake
 from reeldrop.manage import retry
 from reeldrop.sidecar import Sidecar
 from reeldrop.simulator import SimConfig, Simulator
-from reeldrop.spool import STALE_PARTIAL_S, JobRun, Spool
+from reeldrop.spool import JobRun, Spool
+from reeldrop.spool_files import STALE_PARTIAL_S
 
 from .support import (
     TEST_KEY,

@@ -38,9 +38,15 @@ from . import blocking, log, sidecar
 from .errors import ConfigError, OutputError
 from .files import PARTIAL_DIR, fsync_dir, syncfs, write_all
 from .sidecar import Sidecar
-from .spool_files import flatten_legacy, job_file, read_members, record_name, stored_jobs
-
-STALE_PARTIAL_S = 3600.0  # a partial download of a job not claimed here, unwritten this long
+from .spool_files import (
+    flatten_legacy,
+    job_file,
+    read_members,
+    record_name,
+    remove_stale_partials,
+    remove_temp_files,
+    stored_jobs,
+)
 
 
 def new_job_id() -> str:
@@ -241,7 +247,7 @@ class Spool:
         (temp files, and partial downloads of jobs no longer claimed)."""
         for area in (self.jobs, self.failed):
             flatten_legacy(area, self.file_mode)
-        _remove_temp_files(self.jobs)
+        remove_temp_files(self.jobs)
         runs: list[JobRun] = []
         for job_id, stored in sorted(stored_jobs(self.jobs).items()):
             members = read_members(self.jobs, job_id, stored.records, repair=True)
@@ -258,50 +264,6 @@ class Spool:
             else:
                 log.get().warning("spool.orphan_state", job_id=job_id)
             self._move_records(job_id, stored.records, self.failed if failed else self.done)
-        _remove_temp_files(self.outbox)
-        _remove_stale_partials(self.outbox / PARTIAL_DIR, {run.job_id for run in runs})
+        remove_temp_files(self.outbox)
+        remove_stale_partials(self.outbox / PARTIAL_DIR, {run.job_id for run in runs})
         return runs
-
-
-def _remove_temp_files(directory: Path) -> None:
-    """Remove ``.NAME.PID.TOKEN.tmp`` files of dead processes: atomic writes a crash cut short.
-
-    A live process's temp file (another daemon sharing the outbox) is left alone.
-    """
-    with contextlib.suppress(OSError):
-        for p in directory.iterdir():
-            parts = p.name.rsplit(".", 3)
-            if not (p.name.startswith(".") and len(parts) == 4 and parts[3] == "tmp"):
-                continue
-            if parts[1].isdigit() and _alive(int(parts[1])):
-                continue
-            p.unlink(missing_ok=True)
-
-
-def _remove_stale_partials(partial_dir: Path, live_ids: set[str]) -> None:
-    """Remove partial downloads (``NAME.JOB_ID.N.mp4.part``) of jobs no longer claimed here
-    that nobody has written for ``STALE_PARTIAL_S``: they ended elsewhere (finished, failed,
-    or their files were removed). The age spares the downloads of another daemon that shares
-    the outbox with a spool of its own: its jobs are not ours, and this sweep used to cut
-    its downloads off (their rename failed)."""
-    old = time.time() - STALE_PARTIAL_S
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for p in partial_dir.iterdir():
-            parts = p.name.split(".")
-            if len(parts) >= 5 and parts[-4] in live_ids:
-                continue
-            with contextlib.suppress(FileNotFoundError):  # gone meanwhile: fine
-                if os.stat(p, follow_symlinks=False).st_mtime < old:
-                    p.unlink()
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours from a previous life: this process has written nothing yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

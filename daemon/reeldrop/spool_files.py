@@ -1,5 +1,6 @@
-"""The spool's files: how a job's files are named, found and read back, and the upgrade from
-the older layout with a directory per job.
+"""The spool's files: how a job's files are named, found and read back, what a crash leaves
+behind (temp files, stale partial downloads), and the upgrade from the older layout with a
+directory per job.
 
 Shared by the spool's recovery and by the commands that read the spool without running it
 (``reeldrop demo``, ``reeldrop retry``). A job's files in an area (``jobs/``, ``done/``,
@@ -9,8 +10,10 @@ each member's record; a job id never holds a dot, so the first dot ends it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ _RECORD_NAME = re.compile(rf"{MEMBER_PREFIX}\d{{4}}\{RECORD_SUFFIX}")
 # The older layout's records inside a job directory: ``.jsonl`` logs, and before them
 # one-document ``.json`` files (read so that jobs in flight survive an upgrade).
 _LEGACY_RECORD = re.compile(rf"{MEMBER_PREFIX}(\d{{4}})\.jsonl?")
+STALE_PARTIAL_S = 3600.0  # a partial download of a job not claimed here, unwritten this long
 
 
 def is_record(name: str) -> bool:
@@ -126,3 +130,47 @@ def _cut_torn_tail(path: Path) -> None:
             log.get().warning("spool.torn_record_cut", record=str(path))
             f.truncate(data.rfind(b"\n") + 1)
             os.fsync(f.fileno())
+
+
+def remove_temp_files(directory: Path) -> None:
+    """Remove ``.NAME.PID.TOKEN.tmp`` files of dead processes: atomic writes a crash cut short.
+
+    A live process's temp file (another daemon sharing the outbox) is left alone.
+    """
+    with contextlib.suppress(OSError):
+        for p in directory.iterdir():
+            parts = p.name.rsplit(".", 3)
+            if not (p.name.startswith(".") and len(parts) == 4 and parts[3] == "tmp"):
+                continue
+            if parts[1].isdigit() and _alive(int(parts[1])):
+                continue
+            p.unlink(missing_ok=True)
+
+
+def remove_stale_partials(partial_dir: Path, live_ids: set[str]) -> None:
+    """Remove partial downloads (``NAME.JOB_ID.N.mp4.part``) of jobs no longer claimed here
+    that nobody has written for ``STALE_PARTIAL_S``: they ended elsewhere (finished, failed,
+    or their files were removed). The age spares the downloads of another daemon that shares
+    the outbox with a spool of its own: its jobs are not ours, and this sweep used to cut
+    its downloads off (their rename failed)."""
+    old = time.time() - STALE_PARTIAL_S
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for p in partial_dir.iterdir():
+            parts = p.name.split(".")
+            if len(parts) >= 5 and parts[-4] in live_ids:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile: fine
+                if os.stat(p, follow_symlinks=False).st_mtime < old:
+                    p.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from a previous life: this process has written nothing yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
