@@ -32,6 +32,7 @@ from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 
 if TYPE_CHECKING:  # loaded once the intake runs (see Daemon.start_runner)
+    from .final_writes import Settling
     from .runner import Generated, Runner
 
 T = TypeVar("T")
@@ -181,7 +182,7 @@ class Daemon:
                 self.queue.put_nowait((run, member.index))
 
     def settled(self, run: JobRun, member: Sidecar, archived: Path | None) -> None:
-        """A member reached its final state (called in a worker thread, once per member)."""
+        """A member's final write landed (on the loop, once per member)."""
         self.counts["done" if member.state == "succeeded" else "failed"] += 1
         self.intake.release(member)
         self._report_archived(run, archived)
@@ -201,7 +202,7 @@ class Daemon:
         A failed member's final write lands while the slot takes the next one, but never
         more than one is left behind (awaited shielded: it completes).
         """
-        writing: asyncio.Future[None] | None = None
+        writing: Settling | None = None
         while True:
             run, index = await self.queue.get()
             self.lull.took()
@@ -283,7 +284,10 @@ class Daemon:
             return None
 
         async def sync_then_queue() -> None:
-            await asyncio.to_thread(self.spool.sync)
+            try:
+                await asyncio.to_thread(self.spool.sync)
+            except OSError as e:  # the claims are made; only a power cut could undo them
+                log.get().error("spool.sync_failed", error=e.strerror, jobs=len(runs))
             for run in runs:
                 self.enqueue(run)
 

@@ -40,12 +40,19 @@ def fsync_dir(path: str | Path) -> None:
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding ``path`` (one call instead of one fsync per file)."""
+def syncfs(path: str | Path) -> None:
+    """Flush the whole filesystem holding ``path`` (one call instead of one fsync per file).
+
+    Raises OSError if a write could not be flushed (Linux reports it since 5.8). Where the
+    call is refused (a seccomp filter), everything is flushed instead, as ``sync`` does.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         if _libc.syncfs(fd) != 0:
-            os.sync()  # syncfs refused: flush everything rather than nothing
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EPERM, errno.EACCES):
+                raise OSError(err, os.strerror(err), os.fspath(path))
+            os.sync()
     finally:
         os.close(fd)
 

@@ -27,6 +27,7 @@ from . import blocking, log
 from .config import Config
 from .errors import GenerationFailed, OutputError, ReeldropError, describe
 from .files import PARTIAL_DIR
+from .final_writes import FinalWrites, Settling
 from .generation import Generation
 from .jobs import Member
 from .scheduler import SubmitGate, kind_of
@@ -100,7 +101,8 @@ class Runner:
         self.generation = Generation(client, gate, config)
         self.on_settled = on_settled or (lambda _run, _member, _archived: None)
         self.critical: set[asyncio.Task[Any]] = set()  # tasks in a step shutdown lets finish
-        self.settling: set[asyncio.Future[None]] = set()  # final writes under way
+        self.final_writes = FinalWrites(spool)
+        self.settling: set[Settling] = set()  # final writes queued or under way
 
     @contextlib.contextmanager
     def _critical(self) -> Iterator[None]:
@@ -113,7 +115,7 @@ class Runner:
         finally:
             self.critical.discard(task)
 
-    async def generate(self, run: JobRun, index: int) -> Generated | asyncio.Future[None]:
+    async def generate(self, run: JobRun, index: int) -> Generated | Settling:
         """Submit a member (unless it has an operation) and wait until its operation is done.
 
         Returns what the download stage needs, or, if the member failed, its final write,
@@ -132,7 +134,7 @@ class Runner:
         except Exception as e:  # noqa: BLE001 - a bug must fail this job, not the daemon
             return self._settle_later(run, self._failed(run, index, e), started)
 
-    async def deliver(self, run: JobRun, generated: Generated) -> asyncio.Future[None]:
+    async def deliver(self, run: JobRun, generated: Generated) -> Settling:
         """Download a generated member's videos; return its final write, still under way.
 
         The final write (record, sidecar, archive) is a blocking step in a thread that,
@@ -164,34 +166,33 @@ class Runner:
         info = error.info() if isinstance(error, ReeldropError) else describe(error)
         return run.members[index - 1].moved("failed", error=info)
 
-    def _settle_later(self, run: JobRun, member: Sidecar, started: float) -> asyncio.Future[None]:
-        """Start the member's final write in a worker thread; log the summary once it lands."""
-        settling = blocking.run(self._settle, run, member)
+    def _settle_later(self, run: JobRun, member: Sidecar, started: float) -> Settling:
+        """Queue the member's final write (``FinalWrites``); report it once it landed."""
+        settling = self.final_writes.write(run, member)
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
-        settling.add_done_callback(lambda done: self._finished(done, member, started))
+        settling.add_done_callback(lambda done: self._finished(done, run, member, started))
         return settling
 
-    @staticmethod
-    def _finished(settling: asyncio.Future[None], member: Sidecar, started: float) -> None:
-        """The job's summary line, once its final write landed (in the job's log context)."""
+    def _finished(self, settling: Settling, run: JobRun, member: Sidecar,
+                  started: float) -> None:
+        """Once the member's final write landed (in the job's log context): ``on_settled``,
+        then the job's summary line."""
         error = None if settling.cancelled() else settling.exception()
-        if error is not None:  # _settle handles OutputError; anything else is a bug
+        if error is not None:  # write_group reports OutputError; anything else is a bug
             log.get().error("job.final_write_error", error=describe(error).message)
+        elif isinstance(outcome := settling.result(), OutputError):
+            # Kept claimed: a restart picks the member up again.
+            log.get().error("job.state_write_failed", job_id=run.job_id, error=outcome.message)
+            self.on_settled(run, member, None)
+        else:
+            self.on_settled(run, member, outcome)
         log.get().info(
             "job.finished", state=member.state, attempts=member.attempts,
             seconds=round(time.monotonic() - started, 3),
             bytes=sum(v.bytes for v in member.videos), operation=member.operation,
             error=member.error.message if member.error else None,
         )
-
-    def _settle(self, run: JobRun, member: Sidecar) -> None:
-        archived = None
-        try:
-            archived = self.spool.settle(run, member)
-        except OutputError as e:  # kept claimed: a restart picks the member up again
-            log.get().error("job.state_write_failed", job_id=run.job_id, error=e.message)
-        self.on_settled(run, member, archived)
 
     async def _submit(self, run: JobRun, member: Sidecar, logger: log.Logger) -> Sidecar:
         if member.state == "submitting":

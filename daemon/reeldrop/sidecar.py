@@ -128,18 +128,21 @@ def read_last(path: Path, max_bytes: int = 1 << 22) -> Sidecar | None:
     return None
 
 
-def publish(outbox: Path, sidecar: Sidecar, mode: int, *, exclusive: bool = False) -> None:
+def publish(outbox: Path, sidecar: Sidecar, mode: int, *, exclusive: bool = False,
+            durable: bool | None = None) -> None:
     """Write the public sidecar (``exclusive``: only if the name is still free).
 
     Always atomic. Intermediate states are not fsynced: the spool's record is the durable
     copy, and start-up rewrites every live job's sidecar from it (``Spool.republish``). The
-    final state is fsynced, since a finished job is no longer in the spool's live area.
+    final state is fsynced, since a finished job is no longer in the spool's live area
+    (``durable=False``: the caller flushes the filesystem instead).
     """
     atomic_write(path_for(outbox, sidecar.output), encode(sidecar), mode, exclusive=exclusive,
-                 durable=sidecar.done)
+                 durable=sidecar.done if durable is None else durable)
 
 
-def write_batch(outbox: Path, stem: str, members: list[Sidecar], mode: int) -> None:
+def write_batch(outbox: Path, stem: str, members: list[Sidecar], mode: int, *,
+                durable: bool | None = None) -> None:
     summary = BatchSummary(
         job_id=members[0].job_id,
         source=members[0].source,
@@ -149,5 +152,6 @@ def write_batch(outbox: Path, stem: str, members: list[Sidecar], mode: int) -> N
         members=[m.output for m in members],
         updated_at=now(),
     )
+    complete = summary.succeeded + summary.failed == summary.total
     atomic_write(outbox / f"{stem}{BATCH_SUFFIX}", encode(summary), mode,
-                 durable=summary.succeeded + summary.failed == summary.total)
+                 durable=complete if durable is None else durable)

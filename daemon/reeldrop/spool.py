@@ -129,15 +129,16 @@ class Spool:
         (FileExistsError from an ``exclusive`` write passes through: the name is taken).
         """
         try:
-            self._append(run, member, durable)
+            self.append(run, member, durable)
         except OSError as e:
-            raise OutputError(f"Cannot record the job's state in {run.area}: "
-                              f"{e.strerror}.") from None
+            raise record_error(run, e) from None
         if public:
             self.publish(member, exclusive=exclusive)
 
-    def _append(self, run: JobRun, member: Sidecar, durable: bool) -> None:
-        """Add one line to the member's record; a failed write leaves no partial line."""
+    def append(self, run: JobRun, member: Sidecar, durable: bool) -> None:
+        """Add one line to the member's record; a failed write leaves no partial line.
+        Without ``durable`` the caller flushes the filesystem, and then adds the member to
+        ``run.linked``."""
         path = run.path(record_name(member.index))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      self.file_mode)
@@ -157,16 +158,20 @@ class Spool:
             fsync_dir(run.area)  # the file's name, once
             run.linked.add(member.index)
 
-    def publish(self, member: Sidecar, *, exclusive: bool = False) -> None:
-        """Write the public sidecar alone (see ``save``)."""
+    def publish(self, member: Sidecar, *, exclusive: bool = False,
+                durable: bool | None = None) -> None:
+        """Write the public sidecar alone (see ``save``; ``durable`` as in
+        ``sidecar.publish``)."""
         try:
-            sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
+            sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive,
+                            durable=durable)
         except FileExistsError:
             raise
         except FileNotFoundError:
             log.get().warning("outbox.recreated", outbox=str(self.outbox))
             self.outbox.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
-            sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive)
+            sidecar.publish(self.outbox, member, self.file_mode, exclusive=exclusive,
+                            durable=durable)
         except OSError as e:
             raise OutputError(f"Cannot write the sidecar {member.output}.json into "
                               f"{self.outbox}: {e.strerror}.") from None
@@ -185,7 +190,7 @@ class Spool:
         """
         with run.lock:
             self.record(run, member)
-            self._write_batch(run)
+            self.write_batch(run)
             return self._archive_locked(run)
 
     async def update(self, run: JobRun, member: Sidecar, *, durable: bool = True,
@@ -199,12 +204,13 @@ class Spool:
         """Publish a state that needs no record (downloading: a restart polls again)."""
         await blocking.run(self.publish, member)
 
-    def _write_batch(self, run: JobRun) -> None:
+    def write_batch(self, run: JobRun, durable: bool | None = None) -> None:
         """``outbox/STEM.batch.json`` for an array job, from the members' current states."""
         if run.is_batch:
             stem = run.members[0].batch
             assert stem is not None
-            sidecar.write_batch(self.outbox, stem, list(run.members), self.file_mode)
+            sidecar.write_batch(self.outbox, stem, list(run.members), self.file_mode,
+                                durable=durable)
 
     def republish(self, run: JobRun) -> None:
         """Recovery: make the public sidecars match the spool's records again.
@@ -215,7 +221,7 @@ class Spool:
         for member in run.members:
             sidecar.publish(self.outbox, member, self.file_mode)
         if any(m.done for m in run.members):
-            self._write_batch(run)
+            self.write_batch(run)
 
     def archive_if_done(self, run: JobRun) -> Path | None:
         """Move a job whose members are all terminal to done/ or failed/ (once; blocking)."""
@@ -225,14 +231,24 @@ class Spool:
     def _archive_locked(self, run: JobRun) -> Path | None:
         if run.archived or not run.all_done:
             return None
-        failed = any(m.state == "failed" for m in run.members) or not run.members
-        area = self.failed if failed else self.done
         # The job file first, made durable: from then on a restart knows the job is finished
         # and only moves the records that did not follow (see ``recover``). The records'
         # moves are not fsynced: their final states are durable wherever they are.
-        target = Path(job_file(area, run.job_id, run.source))
-        os.rename(run.path(run.source), target)
+        target = self.move_job_file(run)
         fsync_dir(self.jobs)
+        return self.follow_records(run, target)
+
+    def move_job_file(self, run: JobRun) -> Path:
+        """Move a finished job's file from jobs/ to done/ or failed/; the caller makes the
+        move durable before the records follow (``follow_records``)."""
+        failed = any(m.state == "failed" for m in run.members) or not run.members
+        target = Path(job_file(self.failed if failed else self.done, run.job_id, run.source))
+        os.rename(run.path(run.source), target)
+        return target
+
+    def follow_records(self, run: JobRun, target: Path) -> Path:
+        """The records follow a job file moved out of jobs/ (durably) to ``target``."""
+        area = target.parent
         self._move_records(run.job_id, [record_name(m.index) for m in run.members], area)
         run.area, run.archived = area, True
         return target
@@ -267,3 +283,8 @@ class Spool:
         remove_temp_files(self.outbox)
         remove_stale_partials(self.outbox / PARTIAL_DIR, {run.job_id for run in runs})
         return runs
+
+
+def record_error(run: JobRun, error: OSError) -> OutputError:
+    return OutputError(f"Cannot record the job's state in {run.area}: {error.strerror}.")
+

@@ -1,0 +1,156 @@
+"""Final writes in groups (``reeldrop.final_writes``), on real files under tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from reeldrop import final_writes
+from reeldrop.config import Config
+from reeldrop.errors import ErrorInfo, OutputError
+from reeldrop.final_writes import GROUP_SYNC_FROM, FinalWrites, Settled, write_group
+from reeldrop.intake import Intake
+from reeldrop.sidecar import Sidecar, VideoFile, read_last
+from reeldrop.spool import JobRun, Spool
+
+from .support import drop, make_config, sidecars
+
+Final = tuple[JobRun, Sidecar]
+
+
+def spool_with(tmp_path: Path, jobs: dict[str, str]) -> tuple[Config, Spool, dict[str, JobRun]]:
+    """A fresh spool with ``jobs`` (file name: contents) claimed and accepted."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+    inbox, outbox = config.require_dirs()
+    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+    spool.prepare()
+    intake, runs = Intake(config, spool), {}
+    for name, data in jobs.items():
+        run = spool.claim(drop(inbox, name, data))
+        assert run is not None
+        intake.accept(run)
+        runs[name] = run
+    return config, spool, runs
+
+
+def succeeded(member: Sidecar) -> Sidecar:
+    video = VideoFile(file=f"{member.output}.mp4", bytes=1, sha256="0" * 64)
+    return member.moved("generating", operation="models/m/operations/1").moved(
+        "succeeded", videos=[video])
+
+
+def failed(member: Sidecar) -> Sidecar:
+    return member.moved("failed", error=ErrorInfo(type="generation", message="Blocked."))
+
+
+JOBS = {"a.prompt": "a", "b.prompt": "b", "c.prompt": "c",
+        "d.json": '[{"prompt": "d1"}, {"prompt": "d2"}]',
+        "e.json": '[{"prompt": "e1"}, {"prompt": "e2"}]'}
+
+
+def finals_of(runs: dict[str, JobRun]) -> list[Final]:
+    """a and c succeed, b fails, both members of the array d succeed, and e's first member
+    (e2 is still running)."""
+    d, e = runs["d.json"], runs["e.json"]
+    return [(runs["a.prompt"], succeeded(runs["a.prompt"].members[0])),
+            (runs["b.prompt"], failed(runs["b.prompt"].members[0])),
+            (d, succeeded(d.members[0])),
+            (runs["c.prompt"], succeeded(runs["c.prompt"].members[0])),
+            (d, succeeded(d.members[1])),
+            (e, succeeded(e.members[0]))]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_group_stores_every_final_state_and_archives_the_finished_jobs(
+        tmp_path: Path, grouped: bool) -> None:
+    """Written as one group (flushed once per step) or member by member, the end is the
+    same: each member's record and sidecar hold its final state, array jobs get their batch
+    file, every finished job's file and records move to done/ or failed/ (the last of its
+    members in the group says where), and a job with a member still running stays in jobs/."""
+    _, spool, runs = spool_with(tmp_path, JOBS)
+    finals = finals_of(runs)
+    assert len(finals) >= GROUP_SYNC_FROM
+    if grouped:
+        outcomes = write_group(spool, finals)
+    else:
+        outcomes = [write_group(spool, [final])[0] for final in finals]
+
+    def archived(name: str, area: Path) -> Path:
+        return area / f"{runs[name].job_id}.{name}"
+
+    assert outcomes == [archived("a.prompt", spool.done), archived("b.prompt", spool.failed),
+                        None, archived("c.prompt", spool.done), archived("d.json", spool.done),
+                        None]
+    for run, member in finals:
+        record = run.path(f"member-{member.index:04d}.jsonl")
+        assert read_last(Path(record)) == member
+        assert sidecars(spool.outbox)[member.output] == member
+        assert member.index in run.linked
+    e = runs["e.json"]
+    assert [r.archived for r in runs.values()] == [True, True, True, True, False]
+    assert sorted(os.listdir(spool.jobs)) == sorted(
+        [f"{e.job_id}.e.json", f"{e.job_id}.member-0001.jsonl", f"{e.job_id}.member-0002.jsonl"])
+    assert len(os.listdir(spool.done)) == 2 + 2 + 3  # a and c (file, record), d (file, two)
+    for stem, done in (("d", 2), ("e", 1)):
+        summary = msgspec.json.decode((spool.outbox / f"{stem}.batch.json").read_bytes())
+        assert (summary["succeeded"], summary["total"]) == (done, 2)
+
+
+def test_a_member_whose_sidecar_cannot_be_written_fails_alone(tmp_path: Path) -> None:
+    """In a group, one member's write error is that member's outcome: its job stays claimed
+    (a restart takes it up again) and the others are stored and archived as usual."""
+    _, spool, runs = spool_with(tmp_path, {f"{n}.prompt": n for n in "abcd"})
+    (spool.outbox / "b.json").unlink()
+    (spool.outbox / "b.json").mkdir()  # the sidecar's name is taken by a directory
+    finals = [(run, succeeded(run.members[0])) for run in runs.values()]
+    outcomes = write_group(spool, finals)
+    assert isinstance(outcomes[1], OutputError)
+    assert "Cannot write the sidecar b.json" in outcomes[1].message
+    assert [isinstance(o, Path) for o in outcomes] == [True, False, True, True]
+    assert sorted(os.listdir(spool.jobs)) == sorted(
+        [f"{runs['b.prompt'].job_id}.b.prompt", f"{runs['b.prompt'].job_id}.member-0001.jsonl"])
+
+
+def test_a_failed_flush_fails_the_whole_group_and_archives_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that reports a write error (EIO: a real one cannot be had on demand) leaves
+    nothing of the group to trust: every member's outcome says so, and no job leaves jobs/."""
+    _, spool, runs = spool_with(tmp_path, {f"{n}.prompt": n for n in "abcd"})
+
+    def broken_disk(path: str | Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+
+    monkeypatch.setattr(final_writes, "syncfs", broken_disk)
+    outcomes = write_group(spool, [(run, succeeded(run.members[0])) for run in runs.values()])
+    assert {o.message for o in outcomes if isinstance(o, OutputError)} == {
+        "Cannot make the jobs' final states durable: Input/output error."}
+    assert len(outcomes) == 4
+    assert len(os.listdir(spool.jobs)) == 8 and os.listdir(spool.done) == []
+
+
+async def test_writes_asked_for_while_a_group_lands_go_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first final write starts at once, alone; the ones asked for while it lands form
+    the next group, and a write asked for once all have landed starts at once again. Every
+    member's future gets its own outcome."""
+    _, spool, runs = spool_with(tmp_path, {f"{n}.prompt": n for n in "abcdefg"})
+    sizes: list[int] = []
+
+    def counted(spool: Spool, finals: list[Final]) -> list[Settled]:
+        sizes.append(len(finals))
+        return write_group(spool, finals)
+
+    monkeypatch.setattr(final_writes, "write_group", counted)
+    writes = FinalWrites(spool)
+    *first, last = list(runs.values())
+    futures = [writes.write(run, succeeded(run.members[0])) for run in first]
+    outcomes = await asyncio.gather(*futures)
+    assert sizes == [1, 5]
+    outcomes.append(await writes.write(last, succeeded(last.members[0])))
+    assert sizes == [1, 5, 1]
+    assert outcomes == [spool.done / f"{run.job_id}.{run.source}" for run in runs.values()]
