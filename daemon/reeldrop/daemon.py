@@ -32,7 +32,7 @@ from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 
 if TYPE_CHECKING:  # loaded once the intake runs (see Daemon.start_runner)
-    from .final_writes import Settling
+    from .durable_writes import Settling
     from .runner import Generated, Runner
 
 T = TypeVar("T")

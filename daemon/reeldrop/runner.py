@@ -25,9 +25,9 @@ from typing import Any
 
 from . import blocking, log
 from .config import Config
+from .durable_writes import DurableWrites, Settling
 from .errors import GenerationFailed, OutputError, ReeldropError, describe
 from .files import PARTIAL_DIR
-from .final_writes import FinalWrites, Settling
 from .generation import Generation
 from .jobs import Member
 from .scheduler import SubmitGate, kind_of
@@ -101,7 +101,7 @@ class Runner:
         self.generation = Generation(client, gate, config)
         self.on_settled = on_settled or (lambda _run, _member, _archived: None)
         self.critical: set[asyncio.Task[Any]] = set()  # tasks in a step shutdown lets finish
-        self.final_writes = FinalWrites(spool)
+        self.durable_writes = DurableWrites(spool)  # shared by jobs whose states change together
         self.settling: set[Settling] = set()  # final writes queued or under way
 
     @contextlib.contextmanager
@@ -167,8 +167,8 @@ class Runner:
         return run.members[index - 1].moved("failed", error=info)
 
     def _settle_later(self, run: JobRun, member: Sidecar, started: float) -> Settling:
-        """Queue the member's final write (``FinalWrites``); report it once it landed."""
-        settling = self.final_writes.write(run, member)
+        """Queue the member's final write (``DurableWrites``); report it once it landed."""
+        settling = self.durable_writes.settle(run, member)
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
         settling.add_done_callback(lambda done: self._finished(done, run, member, started))
@@ -227,7 +227,7 @@ class Runner:
         async def persist(state: Sidecar) -> None:
             if shown is not None:
                 await shown.settle()
-            await self.spool.update(run, state)
+            await self.durable_writes.record(run, state)
 
         async def store(operation: str) -> None:
             nonlocal current

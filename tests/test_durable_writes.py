@@ -1,4 +1,4 @@
-"""Final writes in groups (``reeldrop.final_writes``), on real files under tmp_path."""
+"""Durable state writes in groups (``reeldrop.durable_writes``), on real files under tmp_path."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from reeldrop import final_writes
+from reeldrop import durable_writes
 from reeldrop.config import Config
+from reeldrop.durable_writes import GROUP_SYNC_FROM, DurableWrites, Settled, write_group
 from reeldrop.errors import ErrorInfo, OutputError
-from reeldrop.final_writes import GROUP_SYNC_FROM, FinalWrites, Settled, write_group
 from reeldrop.intake import Intake
 from reeldrop.sidecar import Sidecar, VideoFile, read_last
 from reeldrop.spool import JobRun, Spool
@@ -125,10 +125,10 @@ def test_a_failed_flush_fails_the_whole_group_and_archives_nothing(
     def broken_disk(path: str | Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
 
-    monkeypatch.setattr(final_writes, "syncfs", broken_disk)
+    monkeypatch.setattr(durable_writes, "syncfs", broken_disk)
     outcomes = write_group(spool, [(run, succeeded(run.members[0])) for run in runs.values()])
     assert {o.message for o in outcomes if isinstance(o, OutputError)} == {
-        "Cannot make the jobs' final states durable: Input/output error."}
+        "Cannot make the jobs' states durable: Input/output error."}
     assert len(outcomes) == 4
     assert len(os.listdir(spool.jobs)) == 8 and os.listdir(spool.done) == []
 
@@ -145,12 +145,51 @@ async def test_writes_asked_for_while_a_group_lands_go_together(
         sizes.append(len(finals))
         return write_group(spool, finals)
 
-    monkeypatch.setattr(final_writes, "write_group", counted)
-    writes = FinalWrites(spool)
+    monkeypatch.setattr(durable_writes, "write_group", counted)
+    writes = DurableWrites(spool)
     *first, last = list(runs.values())
-    futures = [writes.write(run, succeeded(run.members[0])) for run in first]
+    futures = [writes.settle(run, succeeded(run.members[0])) for run in first]
     outcomes = await asyncio.gather(*futures)
     assert sizes == [1, 5]
-    outcomes.append(await writes.write(last, succeeded(last.members[0])))
+    outcomes.append(await writes.settle(last, succeeded(last.members[0])))
     assert sizes == [1, 5, 1]
     assert outcomes == [spool.done / f"{run.job_id}.{run.source}" for run in runs.values()]
+
+
+def generating(member: Sidecar) -> Sidecar:
+    return member.moved("generating", operation=f"models/m/operations/{member.output}")
+
+
+def test_operation_names_share_a_group_with_final_states(tmp_path: Path) -> None:
+    """A create call's answer (an intermediate state that must survive a power cut) is
+    written in the same groups as final states: its record and sidecar hold it, and its job
+    stays claimed while the finished ones are archived."""
+    _, spool, runs = spool_with(tmp_path, {f"{n}.prompt": n for n in "abcd"})
+    a, b, c, d = runs.values()
+    writes = [(a, generating(a.members[0])), (b, succeeded(b.members[0])),
+              (c, generating(c.members[0])), (d, succeeded(d.members[0]))]
+    outcomes = write_group(spool, writes)
+    assert outcomes == [None, spool.done / f"{b.job_id}.b.prompt", None,
+                        spool.done / f"{d.job_id}.d.prompt"]
+    for run, member in writes:
+        assert sidecars(spool.outbox)[member.output] == member
+        assert read_last(Path(run.path("member-0001.jsonl"))) == member
+    assert sorted(os.listdir(spool.jobs)) == sorted(
+        f"{run.job_id}.{name}" for run in (a, c) for name in (run.source, "member-0001.jsonl"))
+
+
+async def test_an_intermediate_state_that_cannot_be_stored_raises(tmp_path: Path) -> None:
+    """``DurableWrites.record`` raises the OutputError that kept a state from being stored
+    (the caller fails the job), whether the state was written alone or in a group."""
+    _, spool, runs = spool_with(tmp_path, {f"{n}.prompt": n for n in "abcde"})
+    (spool.outbox / "a.json").unlink()
+    (spool.outbox / "a.json").mkdir()
+    writes = DurableWrites(spool)
+    a, *others = runs.values()
+    for together in ([a], [*others, a]):  # alone; in a group (the first write starts alone)
+        results = await asyncio.gather(
+            *(writes.record(run, generating(run.members[0])) for run in together),
+            return_exceptions=True)
+        assert isinstance(results[-1], OutputError)
+        assert "Cannot write the sidecar a.json" in results[-1].message
+        assert results[:-1] == [None] * (len(together) - 1)
