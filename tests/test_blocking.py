@@ -87,6 +87,20 @@ async def test_drain_waits_for_a_call_whose_caller_was_cancelled() -> None:
     assert finished.is_set()
 
 
+async def test_drain_waits_for_a_call_started_as_another_lands() -> None:
+    """A call started by a finished call's callback (the durable writes start their next
+    group so) is waited for too: drain() returns only once nothing runs."""
+    finished: list[int] = []
+
+    def slow(tag: int) -> None:
+        time.sleep(0.05)
+        finished.append(tag)
+
+    blocking.run(slow, 1).add_done_callback(lambda _: blocking.run(slow, 2))
+    await asyncio.wait_for(blocking.drain(), 5)
+    assert finished == [1, 2]
+
+
 def test_a_closed_loop_is_not_kept_alive() -> None:
     """The workers are shared by every loop; one that has run calls and closed is freed (the
     test suite alone starts hundreds of loops)."""

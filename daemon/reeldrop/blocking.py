@@ -150,10 +150,12 @@ def seen(future: asyncio.Future[Any]) -> None:
 
 
 async def drain() -> None:
-    """Wait until every call this loop started has finished (the results are delivered)."""
+    """Wait until every call this loop started has finished (the results are delivered),
+    and every call started meanwhile: a call's result may start the next (``DurableWrites``
+    starts its next group as one lands, before this wakes up)."""
     loop = asyncio.get_running_loop()
     results = _results_of(loop)
-    if results.running:
+    while results.running:
         if results.drained is None or results.drained.done():
             results.drained = loop.create_future()
         await asyncio.shield(results.drained)

@@ -137,10 +137,10 @@ class Runner:
     async def deliver(self, run: JobRun, generated: Generated) -> Settling:
         """Download a generated member's videos; return its final write, still under way.
 
-        The final write (record, sidecar, archive) is a blocking step in a thread that,
-        once started, completes even if everything else is cancelled. Cancellation before it
-        keeps the member resumable: a restart polls the operation (done) and downloads again,
-        resuming from the partial file.
+        The final write (record, sidecar, archive) goes with the others of the moment
+        (``DurableWrites``) and, once queued, lands even if everything else is cancelled.
+        Cancellation before it keeps the member resumable: a restart polls the operation
+        (done) and downloads again, resuming from the partial file.
         """
         # Shown, not recorded: after a crash the operation is polled again (it is done).
         member = generated.member.moved("downloading")
