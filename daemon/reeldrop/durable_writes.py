@@ -5,9 +5,9 @@ Two writes of a member's state must survive a power cut before anything follows 
 operation's name once the create call answered (a restart polls it, never submits again), and
 the final state (record, public sidecar, and for a job's last member the job file's move out
 of ``jobs/``; ``Spool.settle``). Alone they cost two and four fsyncs, and on ext4 without a
-journal each fsync also flushes the device: on a fresh ext4 a final write cost 0.7-0.8 ms of
-its thread's CPU and 1.5-2 ms of the machine's (the loop device flushing its image), more
-than any other step of a job.
+journal each fsync also flushes the device: on a fresh ext4 a final write cost 0.7-1.2 ms of
+its thread's CPU and 1.5-3.6 ms of the machine's (the loop device flushing its image), more
+than any other step of a job (benchmarks/README.md).
 
 So these writes queue here, and one thread hop at a time takes every write queued by then
 (``write_group``): each step for every member, then one flush of the filesystem for all. A
@@ -32,8 +32,8 @@ from .files import syncfs
 from .sidecar import Sidecar
 from .spool import JobRun, Spool, record_error
 
-# Measured on a fresh ext4, CPU per final write: 0.7-0.8 ms alone, about the same in groups
-# of 2, 0.4 ms in groups of 4, 0.3 ms from 8 on.
+# Measured on a fresh ext4, CPU per final write: 0.7-1.2 ms alone, about the same in groups
+# of 2, 0.4 ms in groups of 4, 0.23-0.35 ms from 8 on.
 GROUP_SYNC_FROM = 4
 
 Settled = Path | OutputError | None  # where the job was archived, or why nothing was stored
