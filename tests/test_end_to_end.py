@@ -13,7 +13,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from reeldrop import daemon as daemon_module
 from reeldrop.demo import examples_dir
 from reeldrop.sidecar import Sidecar, encode
 from reeldrop.simulator import SimConfig, Simulator
@@ -267,19 +266,17 @@ async def test_a_download_holds_a_download_slot_not_a_generation_slot(tmp_path: 
     assert at["create", "the third"] > first_done
 
 
-async def test_a_rounds_create_calls_go_before_its_downloads(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_rounds_create_calls_go_before_its_downloads(tmp_path: Path) -> None:
     """When a round of jobs finishes together (here over 0.3 s) and more are queued, every
     freed slot sends its next create call before any of the round's videos is downloaded: the
     downloads wait for a lull in the taking of jobs (a create call starts the service's
     clock; a download only ends a job)."""
-    monkeypatch.setattr(daemon_module, "DELIVERY_QUIET_S", 1.0)  # no gap in 0.3 s is as long
-    monkeypatch.setattr(daemon_module, "DELIVERY_DEFER_MAX_S", 30.0)
     sim = Simulator(SimConfig(latency_s=0.5, latency_jitter_s=0.3))
     await sim.start()
     outbox = tmp_path / "outbox"
-    try:
-        async with running(make_config(tmp_path, sim.base_url, concurrency=8)):
+    try:  # no gap within the round's 0.3 s is as long as the lull asked for
+        async with running(make_config(tmp_path, sim.base_url, concurrency=8,
+                                       delivery_lull_s=1.0, delivery_defer_max_s=30.0)):
             for i in range(24):  # three rounds: the queue is not empty while the first ends
                 drop(tmp_path / "inbox", f"job-{i:02}.prompt", f"job {i:02}")
             await until(finished(outbox, 24), timeout=60)
@@ -294,17 +291,17 @@ async def test_a_rounds_create_calls_go_before_its_downloads(
 
 @pytest.mark.parametrize(("jobs", "quiet_s", "max_s", "low_s", "high_s"), [
     (3, 0.5, 30.0, 0.4, 3.0),  # a job is queued: the download waits for the lull ...
-    (3, 30.0, 0.5, 0.4, 3.0),  # ... but never longer than DELIVERY_DEFER_MAX_S
+    (3, 30.0, 0.5, 0.4, 3.0),  # ... but never longer than delivery_defer_max_s
+    (3, 30.0, 0.0, -1.0, 0.4),  # 0: downloads never wait
     (2, 30.0, 30.0, -1.0, 0.4),  # nothing queued: nothing to let go first
 ])
 async def test_a_download_waits_for_a_lull_in_submissions_while_jobs_are_queued(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int, quiet_s: float,
-        max_s: float, low_s: float, high_s: float) -> None:
-    """With one slot, the first job's download starts DELIVERY_QUIET_S after the slot took the
-    second job, or DELIVERY_DEFER_MAX_S after the first was found done, whichever is sooner;
-    and at once when no job is left in the queue."""
-    monkeypatch.setattr(daemon_module, "DELIVERY_QUIET_S", quiet_s)
-    monkeypatch.setattr(daemon_module, "DELIVERY_DEFER_MAX_S", max_s)
+        tmp_path: Path, jobs: int, quiet_s: float, max_s: float, low_s: float,
+        high_s: float) -> None:
+    """With one slot, the first job's download starts ``delivery_lull_s`` after the slot took
+    the second job, or ``delivery_defer_max_s`` after the first was found done, whichever is
+    sooner; and at once when no job is left in the queue, or with ``delivery_defer_max_s``
+    0."""
     # The first generation lasts a second so that the others are surely queued by the time
     # it is done, even on a loaded machine.
     sim = Simulator(SimConfig(latency_s=1.0, latency_jitter_s=0.0))
@@ -312,7 +309,8 @@ async def test_a_download_waits_for_a_lull_in_submissions_while_jobs_are_queued(
     outbox = tmp_path / "outbox"
     names = ["first", "second", "third"][:jobs]
     try:
-        async with running(make_config(tmp_path, sim.base_url, concurrency=1)):
+        async with running(make_config(tmp_path, sim.base_url, concurrency=1,
+                                       delivery_lull_s=quiet_s, delivery_defer_max_s=max_s)):
             for name in names:
                 drop(tmp_path / "inbox", f"{name}.prompt", f"the {name}")
                 await until((outbox / f"{name}.json").exists, what=f"{name} claimed")

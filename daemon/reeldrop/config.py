@@ -98,6 +98,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Load
     concurrency: Count = 4  # jobs at the service (submitting or generating)
     download_concurrency: Count | None = None  # downloads at once; default: concurrency
+    # While jobs are queued, a download waits until no job was taken for delivery_lull_s, for
+    # at most delivery_defer_max_s: a round's create calls go first (scheduler.Lull).
+    delivery_lull_s: NonNegative = 0.1
+    delivery_defer_max_s: NonNegative = 2.0
     submissions_per_minute: Positive = 10.0
     submit_burst: Count = 2
     # Polling (see README "How polling adapts")

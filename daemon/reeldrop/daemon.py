@@ -41,8 +41,6 @@ INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
 INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
 BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
-DELIVERY_QUIET_S = 0.1  # a download waits until no job was taken for this long ...
-DELIVERY_DEFER_MAX_S = 2.0  # ... or this long at most (see Lull)
 
 
 class Daemon:
@@ -54,7 +52,7 @@ class Daemon:
         self.scanner = watcher.InboxScanner(inbox, config.settle_s, config.max_job_bytes)
         self.notifier = notifier or Notifier()
         self.queue: asyncio.Queue[tuple[JobRun, int]] = asyncio.Queue()
-        self.lull = Lull(DELIVERY_QUIET_S)
+        self.lull = Lull(config.delivery_lull_s)
         self.counts = {"done": 0, "failed": 0, "busy": 0}
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
@@ -232,12 +230,12 @@ class Daemon:
         """A member's download and final write, in its own task (holding a download slot).
 
         While jobs are queued it first waits for a lull in the workers' taking of jobs (for
-        at most ``DELIVERY_DEFER_MAX_S``): when a round of jobs finishes together the loop is
+        at most ``delivery_defer_max_s``): when a round of jobs finishes together the loop is
         saturated, and the round's create calls start the service's clock, a download only
         ends a job (``Lull``)."""
         try:
-            if not self.queue.empty():
-                await self.lull.wait(DELIVERY_DEFER_MAX_S)
+            if not self.queue.empty() and self.config.delivery_defer_max_s > 0:
+                await self.lull.wait(self.config.delivery_defer_max_s)
             await asyncio.shield(await self.runner.deliver(run, generated))
         except Exception:  # noqa: BLE001 - one job's trouble must not stop the daemon
             log.get().exception("worker.job_error", job_id=run.job_id, index=generated.member.index)
