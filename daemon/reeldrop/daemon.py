@@ -234,7 +234,7 @@ class Daemon:
         saturated, and the round's create calls start the service's clock, a download only
         ends a job (``Lull``)."""
         try:
-            if not self.queue.empty() and self.config.delivery_defer_max_s > 0:
+            if not self.queue.empty():
                 await self.lull.wait(self.config.delivery_defer_max_s)
             await asyncio.shield(await self.runner.deliver(run, generated))
         except Exception:  # noqa: BLE001 - one job's trouble must not stop the daemon

@@ -130,8 +130,9 @@ class Lull:
             self._quiet.set()
 
     async def wait(self, max_s: float) -> None:
-        """Return at the next lull, or after ``max_s`` (a steady stream of takes)."""
-        if not self._quiet.is_set():
+        """Return at the next lull, or after ``max_s`` (a steady stream of takes; 0: at
+        once)."""
+        if max_s > 0 and not self._quiet.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max_s):
                     await self._quiet.wait()
@@ -308,10 +309,8 @@ class Siblings:
         younger ones skipped looks on its word), because one called in too early loses a
         poll and cannot be called in again before its own next look."""
         if age_s is not None:
-            ages = self._done_ages.get(kind)
-            if ages is None:
-                ages = self._done_ages[kind] = collections.deque(maxlen=self.FOLLOW_FROM)
-            ages.append(age_s)
+            self._done_ages.setdefault(
+                kind, collections.deque(maxlen=self.FOLLOW_FROM)).append(age_s)
         called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born + reach_s]
         for future in called:
             _wake(future, True)
