@@ -168,6 +168,46 @@ async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator)
     assert sim.stats["ranged_downloads"] == 1
 
 
+async def test_a_partial_file_holding_the_whole_video_is_published_as_it_is(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A stop between a download's last write and its rename leaves the whole video in the
+    partial file: the next try's Range request is unsatisfiable (416, as Google's storage
+    answers), and the file is checked and published without fetching it again, not failed."""
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        uri = await generated_uri(client)
+        whole = tmp_path / "whole.mp4"
+        first = await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+        partial = tmp_path / "r.part"
+        partial.write_bytes(whole.read_bytes())
+        before = sim.stats["downloads"]
+        video = await download_video(client, uri, partial, tmp_path / "r.mp4", 0o640)
+    assert (tmp_path / "r.mp4").read_bytes() == whole.read_bytes()
+    assert (video.bytes, video.sha256) == (first.bytes, first.sha256)
+    assert not partial.exists()
+    assert sim.stats["unsatisfiable_ranges"] == 1
+    assert sim.stats["downloads"] == before, "the video was fetched again"
+
+
+async def test_a_partial_file_longer_than_the_video_is_removed(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A partial file longer than the video cannot be its beginning: the try fails as a
+    retryable download error, the file is gone, and the next try downloads it whole."""
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        uri = await generated_uri(client)
+        whole = tmp_path / "whole.mp4"
+        await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+        partial = tmp_path / "r.part"
+        partial.write_bytes(whole.read_bytes() + b"junk")
+        with pytest.raises(DownloadError, match="did not match the video's length") as info:
+            await download_video(client, uri, partial, tmp_path / "r.mp4", 0o640)
+        assert info.value.retryable
+        assert not partial.exists() and not (tmp_path / "r.mp4").exists()
+        await download_video(client, uri, partial, tmp_path / "r.mp4", 0o640)
+    assert (tmp_path / "r.mp4").read_bytes() == whole.read_bytes()
+
+
 @pytest.mark.parametrize("batch_bytes", [1, 1 << 30])
 async def test_a_long_download_is_stored_whole_and_in_order(
         tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch,

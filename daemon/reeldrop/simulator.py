@@ -265,7 +265,10 @@ class Simulator:
         start = 0
         range_header = request.headers.get("Range", "")
         if range_header.startswith("bytes=") and range_header.endswith("-"):
-            start = min(int(range_header[6:-1]), total)
+            start = int(range_header[6:-1])
+            if start >= total:  # as HTTP (and Google's storage) answer: nothing left to send
+                self.stats["unsatisfiable_ranges"] += 1
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{total}"})
         resp = web.StreamResponse(status=206 if start else 200)
         resp.content_type = "video/mp4"
         resp.content_length = total - start

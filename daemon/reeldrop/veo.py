@@ -186,8 +186,9 @@ class VeoClient:
     async def open_download(self, uri: str, offset: int = 0) -> aiohttp.ClientResponse:
         """GET the video, following redirects by hand so the key never leaves its host.
 
-        Returns an open response (status 200, or 206 when ``offset`` was honoured); the caller
-        reads and releases it.
+        Returns an open response (status 200, or 206 when ``offset`` was honoured, or 416
+        when nothing lies past ``offset``: a partial file that already holds the whole video);
+        the caller reads and releases it.
         """
         url = self.download_url(uri)
         for _ in range(MAX_REDIRECTS + 1):
@@ -204,7 +205,7 @@ class VeoClient:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
                 continue
-            if resp.status in (200, 206):
+            if resp.status in (200, 206) or (offset and resp.status == 416):
                 return resp
             data = await resp.read()
             resp.release()

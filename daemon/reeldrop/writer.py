@@ -47,23 +47,31 @@ async def download_video(
 
     A failed transfer leaves the partial file for the next try to resume; a file that fails
     its checks is removed. The public name appears only once the whole, checked file is there.
-    With ``parent_mode``, a missing partial directory is created with that mode.
+    A partial file that holds the whole video already (a stop between its last write and its
+    rename) is checked and published as it is. With ``parent_mode``, a missing partial
+    directory is created with that mode.
     """
     offset = _size(partial)
     resp = await client.open_download(uri, offset)
     try:
-        resumed = offset > 0 and resp.status == 206 and resp.headers.get(
-            "Content-Range", "").startswith(f"bytes {offset}-")
+        whole = resp.status == 416  # nothing past the partial file's end
+        if whole and resp.headers.get("Content-Range") != f"bytes */{offset}":
+            _discard(partial)  # not the video's length (or no length given): start afresh
+            raise DownloadError("The partial file did not match the video's length; it was "
+                                "removed and the download starts again.")
+        resumed = whole or (offset > 0 and resp.status == 206 and resp.headers.get(
+            "Content-Range", "").startswith(f"bytes {offset}-"))
         file = _PartialFile(partial, mode, parent_mode, resumed=resumed)
         if resumed:
             file.digest, file.stored = await blocking.run(_hash_existing, partial)
-        length = resp.headers.get("Content-Length")
+        length = "0" if whole else resp.headers.get("Content-Length")
         expected = file.stored + int(length) if length and length.isdigit() else None
         try:
-            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                await file.put(chunk)
-                if progress is not None:
-                    progress(file.received, expected)
+            if not whole:  # (a 416's body is an error message, not video)
+                async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                    await file.put(chunk)
+                    if progress is not None:
+                        progress(file.received, expected)
             resp.release()  # the connection goes back to the pool before the last writes
             if expected is not None and file.received != expected:
                 await file.flush()  # kept for the next try to resume
