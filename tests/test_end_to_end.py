@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -351,6 +352,38 @@ async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:
     order = ["queued", "submitting", "generating", "downloading", "succeeded"]
     assert seen["second"] == order
     assert seen["first"] in (order, order[1:])  # its queued state may last no time at all
+
+
+async def test_a_slow_download_shows_its_progress_and_then_its_outcome(
+        tmp_path: Path) -> None:
+    """A download that lasts seconds shows bytes received in the sidecar as it goes (growing,
+    out of the video's length), and no progress version lands after the final one."""
+    size = 8 << 20  # eight chunks at 0.4 s: about three progress writes, one a second
+    sim = Simulator(SimConfig(latency_s=0.3, latency_jitter_s=0.0, video_bytes=size,
+                              download_chunk_delay_s=0.4))
+    await sim.start()
+    outbox = tmp_path / "outbox"
+    seen: list[tuple[str, int | None, int | None]] = []
+    try:
+        async with running(make_config(tmp_path, sim.base_url, brief_state_s=0.0)):
+            drop(tmp_path / "inbox", "slow.prompt", "a slow link")
+            async with asyncio.timeout(30):
+                while not seen or seen[-1][0] != "succeeded":
+                    with contextlib.suppress(FileNotFoundError, KeyError):
+                        doc = sidecars(outbox)["slow"]
+                        version = (doc.state, doc.bytes_done, doc.bytes_total)
+                        if not seen or seen[-1] != version:
+                            seen.append(version)
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(1.5)  # a progress write landing late would show by now
+            final = sidecars(outbox)["slow"]
+    finally:
+        await sim.stop()
+    progress = [done for state, done, total in seen
+                if state == "downloading" and done is not None and total == size]
+    assert len(progress) >= 2, seen
+    assert progress == sorted(progress) and 0 < progress[0] < size, seen
+    assert final.state == "succeeded" and final.bytes_done is None, final
 
 
 @pytest.mark.parametrize(("brief_state_s", "versions"), [(1.0, 3), (0.0, 5)])

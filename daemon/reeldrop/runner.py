@@ -40,13 +40,15 @@ PROGRESS_EVERY_S = 1.0
 
 class BriefState:
     """A passing state (submitting, downloading) published only once it has lasted
-    ``brief_state_s``.
+    ``brief_state_s``, and its newer versions (a download's progress), one write at a time.
 
     Against the service such a state lasts a second or more and is always shown. Where it
     is over in milliseconds no watcher could act on it, and each sidecar version costs a
     file: on ext4 without a journal every replace frees an inode that the next file creation
     must step over (see benchmarks/README.md). ``settle()`` before the next state's write
-    keeps the versions in order.
+    keeps the versions in order. A failed write is logged, not raised: the next state's
+    write reports the outbox's trouble, and it may be the answer of a create call (or a
+    downloaded video) that must be stored.
     """
 
     def __init__(self, spool: Spool, member: Sidecar, after_s: float) -> None:
@@ -56,27 +58,40 @@ class BriefState:
 
     def _show(self) -> None:
         self.writing = blocking.run(self.spool.publish, self.member)
-        self.writing.add_done_callback(blocking.seen)  # settle() reports; nobody else may wait
+        self.writing.add_done_callback(_log_unshown)
 
     @property
     def busy(self) -> bool:
-        """Its write is under way (another version must not start beside it)."""
+        """A write is under way (another version must not start beside it)."""
         return self.writing is not None and not self.writing.done()
+
+    def show_now(self, member: Sidecar) -> None:
+        """Publish a newer version at once (call it only when not ``busy``)."""
+        assert not self.busy
+        self._timer.cancel()
+        self.member = member
+        self._show()
 
     def cancel(self) -> None:
         """Not shown unless already under way (a write that started lands regardless)."""
         self._timer.cancel()
 
     async def settle(self) -> None:
-        """Cancel the show, or wait until it landed: the next version must land after it.
-        A failed show is logged, not raised: the next version's write reports the outbox's
-        trouble, and it may be the answer of a create call that must be stored."""
+        """Cancel the show, or wait until the last write landed: the next version must land
+        after it."""
         self._timer.cancel()
         if self.writing is not None:
-            try:
-                await self.writing
-            except OutputError as e:
-                log.get().warning("sidecar.brief_state_not_shown", error=e.message)
+            with contextlib.suppress(OutputError):  # logged by _log_unshown
+                await asyncio.shield(self.writing)
+
+
+def _log_unshown(write: asyncio.Future[None]) -> None:
+    """A passing state's failed write, logged in the job's context (the callback's)."""
+    error = None if write.cancelled() else write.exception()
+    if isinstance(error, OutputError):
+        log.get().warning("sidecar.brief_state_not_shown", error=error.message)
+    elif error is not None:
+        log.get().error("sidecar.brief_state_error", error=describe(error).message)
 
 
 @dataclass(frozen=True)
@@ -260,19 +275,15 @@ class Runner:
         outbox = self.spool.outbox
         partial_dir = outbox / PARTIAL_DIR
         videos: list[VideoFile] = []
-        reporting: list[asyncio.Future[None]] = []
         last = time.monotonic()
 
         def progress(done: int, total: int | None) -> None:
             """Show bytes in the sidecar about once a second, never two writes at a time."""
             nonlocal last
-            if (time.monotonic() - last < PROGRESS_EVERY_S or shown.busy
-                    or any(not f.done() for f in reporting)):
+            if time.monotonic() - last < PROGRESS_EVERY_S or shown.busy:
                 return
-            shown.cancel()  # this version says more
             last = time.monotonic()
-            update = member.moved("downloading", bytes_done=done, bytes_total=total)
-            reporting.append(asyncio.ensure_future(self.spool.show(update)))
+            shown.show_now(member.moved("downloading", bytes_done=done, bytes_total=total))
 
         for i, uri in enumerate(uris, start=1):
             name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"
@@ -280,5 +291,4 @@ class Runner:
             with self._critical():
                 videos.append(await self.generation.download(
                     uri, partial, outbox / name, progress=progress, make_partial_dir=True))
-        await asyncio.gather(*reporting)  # no progress write may land after the final state
-        return videos
+        return videos  # (the caller's shown.settle(): no progress lands after the final state)

@@ -200,10 +200,6 @@ class Spool:
         await blocking.run(functools.partial(self.record, run, member, durable=durable,
                                              public=public))
 
-    async def show(self, member: Sidecar) -> None:
-        """Publish a state that needs no record (downloading: a restart polls again)."""
-        await blocking.run(self.publish, member)
-
     def write_batch(self, run: JobRun, durable: bool | None = None) -> None:
         """``outbox/STEM.batch.json`` for an array job, from the members' current states."""
         if run.is_batch:
