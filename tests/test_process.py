@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -27,6 +28,7 @@ from .support import (
     spawn,
     until,
     wait_exit,
+    wait_ready,
 )
 
 
@@ -104,6 +106,60 @@ async def test_notify_ready_status_watchdog_and_stopping(
     assert any(m.startswith("STATUS=") and "in flight" in m for m in messages)
     assert messages.index("READY=1") < messages.index("STOPPING=1")
     assert messages.index("WATCHDOG=1") < messages.index("READY=1")
+
+
+def _log_lines(log: Path) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(line) for line in log.read_bytes().splitlines()
+            if line.startswith(b"{")]
+
+
+async def test_sighup_reloads_the_config_in_place_and_the_jobs_carry_on(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """SIGHUP with a broken config: daemon.reload_failed, and the daemon runs on. With a good
+    one: RELOADING=1 (never STOPPING=1, which systemd would take for a stop), the same
+    process starts again with the new settings and sends READY=1 again, and the jobs that
+    were generating finish, none submitted twice."""
+    sim.config = msgspec.structs.replace(sim.config, latency_s=4.0, latency_jitter_s=0.0)
+    listener = NotifyListener(tmp_path / "notify.sock")
+    config = tmp_path / "reeldrop.toml"
+    config.write_text("concurrency = 3\n")
+    args = daemon_args(tmp_path, sim.base_url, "--config", str(config))
+    at = args.index("--concurrency")
+    del args[at:at + 2]  # from the file, so that a reload can change it
+    env = {**env_with_key(daemon_env), "NOTIFY_SOCKET": str(listener.path)}
+    for i in range(3):
+        drop(tmp_path / "inbox", f"job{i}.prompt", f"prompt {i}")
+    log = tmp_path / "log"
+    proc = await spawn(args, env, log)
+    try:
+        await until(lambda: sim.stats["submissions"] == 3, what="3 submissions")
+        config.write_text("concurrency = 0\n")
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: b"daemon.reload_failed" in log.read_bytes(), what="reload_failed")
+        config.write_text("concurrency = 4\n")
+        proc.send_signal(signal.SIGHUP)
+        await wait_ready(log, 1)
+        assert proc.returncode is None
+        await until(finished(tmp_path / "outbox", 3), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        messages = listener.drain()
+        listener.close()
+    lines = _log_lines(log)
+    failed = [ln for ln in lines if ln["event"] == "daemon.reload_failed"]
+    assert len(failed) == 1 and "concurrency" in failed[0]["error"], failed
+    assert [ln["concurrency"] for ln in lines if ln["event"] == "daemon.started"] == [3, 4]
+    reloading = [ln for ln in lines if ln["event"] == "daemon.reloading"]
+    assert len(reloading) == 1 and reloading[0]["in_flight"] == 3, reloading
+    assert {d.state for d in sidecars(tmp_path / "outbox").values()} == {"succeeded"}
+    assert sorted(sim.submissions.values()) == [1] * 3, "a job was submitted twice"
+    after = messages[messages.index("RELOADING=1"):]
+    assert after.count("READY=1") == 1 and "STOPPING=1" not in after[:after.index("READY=1")]
+    assert messages.count("READY=1") == 2, messages
+    assert "STOPPING=1" in after[after.index("READY=1"):], messages  # SIGTERM's, at the end
 
 
 @pytest.mark.parametrize("event_loop", ["auto", "asyncio"])

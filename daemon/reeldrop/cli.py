@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -164,12 +165,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     names = [n for n, _ in config_mod.setting_names()]
-    cfg = config_mod.load(args.config, flags=_flags(args, names))
+
+    def load() -> config_mod.Config:
+        loaded = config_mod.load(args.config, flags=_flags(args, names))
+        loaded.require_dirs()
+        return loaded
+
+    cfg = load()
     secrets = [cfg.api_key.reveal()] if cfg.api_key else []
     log.configure(cfg.log_format, cfg.log_level, secrets)
     if cfg.api_key is None:
         log.get().warning("config.no_api_key", hint="set GEMINI_API_KEY or api_key_file")
-    return Daemon(cfg).run()
+    daemon = Daemon(cfg, reload_config=load)
+    code = daemon.run()
+    if daemon.restart:
+        _start_again()
+    return code
+
+
+def _start_again() -> NoReturn:
+    """SIGHUP's second half: the daemon stopped cleanly, and this process becomes a new one
+    with the same command line (same PID: systemd and the sd_notify socket keep it, and it
+    reads the configuration afresh)."""
+    sys.stdout.flush()  # exec drops what is still buffered
+    sys.stderr.flush()
+    # S606: no shell is wanted; it is our own interpreter and our own command line.
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

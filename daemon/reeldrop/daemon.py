@@ -6,7 +6,9 @@ the watcher pump (hints), the heartbeat (sd_notify) and the saving of what was l
 Signal handlers only set flags. On the first SIGTERM/SIGINT intake stops; tasks in the middle
 of a create call or a download get ``shutdown_grace_s`` to finish it; everything else is
 cancelled at once, which is safe because every step is persisted before the next begins. A
-second signal skips the grace.
+second signal skips the grace. SIGHUP (``systemctl reload``) reads the configuration again:
+if it holds, the daemon stops the same way and ``restart`` tells the caller to start it again
+in the same process (``cli``); if not, it says why and runs on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import blocking, log, watcher
 from .config import Config
+from .errors import ConfigError
 from .intake import Intake
 from .notify import Notifier
 from .runtime import event_loop_runner, tune_gc
@@ -44,8 +47,10 @@ DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hun
 
 
 class Daemon:
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config  # reads the configuration again (None: no reload)
         inbox, outbox = config.require_dirs()
         self.spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
         self.intake = Intake(config, self.spool)
@@ -56,6 +61,8 @@ class Daemon:
         self.counts = {"done": 0, "failed": 0, "busy": 0}
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
+        self.reload_asked = asyncio.Event()
+        self.restart = False  # once stopped: start again with the configuration just checked
         self.ready = asyncio.Event()
         self.wake = asyncio.Event()
         self.stop_watching = asyncio.Event()
@@ -74,8 +81,8 @@ class Daemon:
             async with contextlib.AsyncExitStack() as closing:  # after every task has ended
                 async with asyncio.TaskGroup() as tg:
                     self.group = tg
-                    helpers = [tg.create_task(self.watch()),
-                               tg.create_task(self.notifier.heartbeat(self.summary))]
+                    heartbeat = tg.create_task(self.notifier.heartbeat(self.summary))
+                    helpers = [tg.create_task(self.watch())]
                     await asyncio.sleep(0.05)  # let awatch set up before the first scan
                     helpers.append(tg.create_task(self.intake_loop()))
                     await self.ready.wait()  # the first pass: files waiting are claimed first
@@ -88,9 +95,11 @@ class Daemon:
                     helpers.append(tg.create_task(learned.keep()))
                     await self.main_loop(recovered)
                     await self.shutdown(workers, helpers)
+                    heartbeat.cancel()  # the watchdog heard from us all through the shutdown
                 await learned.save()
         finally:
-            self.intake_thread.shutdown(wait=False, cancel_futures=True)  # a batch under way ends
+            # A claim batch under way ends; a restart waits for it (exec would cut it short).
+            self.intake_thread.shutdown(wait=self.restart, cancel_futures=True)
             self.notifier.close()
         return 0
 
@@ -136,11 +145,33 @@ class Daemon:
         await self.ready.wait()
         self.notifier.send("READY=1", f"STATUS={self.summary()}")
         log.get().info("daemon.ready", recovered=recovered)
-        await self.should_exit.wait()
+        while not self.should_exit.is_set():
+            await _first_set(self.should_exit, self.reload_asked)
+            if self.reload_asked.is_set() and not self.should_exit.is_set():
+                self.reload_asked.clear()
+                await self.check_reload()
+
+    async def check_reload(self) -> None:
+        """SIGHUP: read the configuration again. If it holds, stop as for SIGTERM and have
+        the caller start again (``restart``): every setting takes effect, and the jobs in
+        flight resume as after any restart, polled and never paid twice. If it does not,
+        say why and run on with the current one."""
+        assert self.reload_config is not None
+        try:
+            await asyncio.to_thread(self.reload_config)
+        except (ConfigError, OSError) as e:
+            log.get().error("daemon.reload_failed", error=str(e))
+            return
+        log.get().info("daemon.reloading", in_flight=self.counts["busy"])
+        # Not STOPPING=1: systemd would take that for the service going away.
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self.restart = True
+        self.should_exit.set()
 
     async def shutdown(self, workers: list[asyncio.Task[None]],
                        helpers: list[asyncio.Task[None]]) -> None:
-        self.notifier.send("STOPPING=1")
+        if not self.restart:
+            self.notifier.send("STOPPING=1")
         self.stop_watching.set()
         for task in helpers:
             task.cancel()
@@ -168,11 +199,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit, sig)
+        if self.reload_config is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_asked.set)
 
     def handle_exit(self, sig: signal.Signals) -> None:
         if self.should_exit.is_set():
             self.force_exit.set()
         self.should_exit.set()
+        self.restart = False  # a stop asked for during a reload's shutdown wins
 
     def enqueue(self, run: JobRun) -> None:
         for member in run.members:
@@ -341,3 +375,12 @@ class Daemon:
         return (f"{c['busy']} in flight, {self.queue.qsize()} queued, "
                 f"{c['done']} done, {c['failed']} failed")
 
+
+async def _first_set(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
