@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import blocking, log, watcher
 from .config import Config
 from .errors import ConfigError
-from .intake import Intake
+from .intake import Intake, report_archived
 from .notify import Notifier
 from .runtime import event_loop_runner, tune_gc
 from .scheduler import LEARNED_FILE, LearnedFile, Lull, SubmitGate
@@ -42,7 +42,6 @@ T = TypeVar("T")
 
 INTAKE_BATCH = 256  # files claimed per thread hop; the queue sees them together
 INTAKE_FIRST = 8  # the first hop of a pass is small and the size doubles: work starts at once
-BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
 DRAIN_S = 10.0  # at shutdown, how long file calls still running may take (a hung disk)
 
 
@@ -133,7 +132,7 @@ class Daemon:
             if not run.members or run.is_batch:  # an array's accept a crash cut short: the rest
                 await asyncio.to_thread(self.intake.accept, run)
             self.intake.adopt(run)
-            self._report_archived(run, await asyncio.to_thread(self.spool.archive_if_done, run))
+            report_archived(run, await asyncio.to_thread(self.spool.archive_if_done, run))
             self.enqueue(run)
         log.get().info("daemon.started", inbox=str(self.spool.inbox),
                        outbox=str(self.spool.outbox), recovered=len(runs),
@@ -217,12 +216,7 @@ class Daemon:
         """A member's final write landed (on the loop, once per member)."""
         self.counts["done" if member.state == "succeeded" else "failed"] += 1
         self.intake.release(member)
-        self._report_archived(run, archived)
-
-    @staticmethod
-    def _report_archived(run: JobRun, archived: Path | None) -> None:
-        if archived is not None:
-            log.get().info("job.archived", job_id=run.job_id, to=archived.parent.name)
+        report_archived(run, archived)
 
     async def worker(self) -> None:
         """One generation slot: a member from its submission until its operation is done.
@@ -288,11 +282,12 @@ class Daemon:
             syncing: asyncio.Task[None] | None = None  # the last big batch, until durable
             try:
                 while start < len(ready) and not self.should_exit.is_set():
-                    runs, durable = await self.in_intake_thread(
-                        self._take, ready[start:start + size])
+                    taken = await self.in_intake_thread(
+                        self.intake.take, ready[start:start + size])
+                    self.counts["failed"] += taken.invalid
                     if syncing is not None:
                         await syncing
-                    syncing = self._queue_when_durable(runs, durable)
+                    syncing = self._queue_when_durable(taken.runs, taken.durable)
                     start, size = start + size, min(size * 2, INTAKE_BATCH)
                 if syncing is not None:
                     await syncing
@@ -329,39 +324,6 @@ class Daemon:
         """Intake's blocking work runs on its own thread, not in the shared pool, where it
         would queue behind the state writes of the jobs it has just started."""
         return await asyncio.get_running_loop().run_in_executor(self.intake_thread, fn, *args)
-
-    def _take(self, paths: list[Path]) -> tuple[list[JobRun], bool]:
-        """Claim and accept a batch of files (blocking); the runs, and whether their claims
-        are durable already. A big batch skips the per-file fsyncs: the caller makes it
-        durable with one filesystem sync before any of its jobs is queued."""
-        durable = len(paths) < BATCH_SYNC_FROM
-        logger = log.get()
-        # A big batch looks output names up in one listing of the outbox; a few files make
-        # fewer lookups than listing a full outbox would cost.
-        names = contextlib.nullcontext() if durable else self.intake.outbox_listed(len(paths))
-        with names:
-            runs = [run for path in paths
-                    if (run := self._claim_and_accept(path, durable, logger))]
-        return runs, durable
-
-    def _claim_and_accept(self, path: Path, durable: bool, logger: log.Logger) -> JobRun | None:
-        try:
-            run = self.spool.claim(path, durable=durable)
-        except OSError as e:
-            logger.error("intake.claim_failed", name=path.name, error=e.strerror)
-            return None
-        if run is None:
-            return None
-        logger.info("job.claimed", job_id=run.job_id, source=run.source)
-        try:
-            self.intake.accept(run, durable=durable, logger=logger)
-        except Exception:  # e.g. the outbox is gone: keep the claim for a restart
-            logger.exception("intake.accept_failed", job_id=run.job_id, source=run.source)
-            return None
-        self.counts["failed"] += sum(m.state == "failed" for m in run.members)  # invalid files
-        # An invalid file is already finished: archive it here, in the intake's thread.
-        self._report_archived(run, self.spool.archive_if_done(run))
-        return run
 
     async def watch(self) -> None:
         await watcher.pump(

@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -24,6 +25,7 @@ from .sidecar import Sidecar, now
 from .spool import JobRun, Spool
 
 MAX_SUFFIX = 1000
+BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-file fsyncs
 LISTED_ENTRIES_PER_FILE = 50  # list the outbox for a batch while it has at most this many a file
 
 
@@ -63,6 +65,20 @@ def read_job_file(path: str | Path, max_bytes: int, name: str | None = None) -> 
         os.close(fd)
 
 
+class Taken(NamedTuple):
+    """A batch of claims: the runs, whether the claims are durable yet, and how many of the
+    members are invalid (finished already, as failed)."""
+
+    runs: list[JobRun]
+    durable: bool
+    invalid: int
+
+
+def report_archived(run: JobRun, archived: Path | None) -> None:
+    if archived is not None:
+        log.get().info("job.archived", job_id=run.job_id, to=archived.parent.name)
+
+
 class Intake:
     def __init__(self, config: Config, spool: Spool) -> None:
         self.config = config
@@ -73,6 +89,39 @@ class Intake:
 
     def release(self, member: Sidecar) -> None:
         self.reserved.discard(member.output)
+
+    def take(self, paths: list[Path]) -> Taken:
+        """Claim and accept a batch of files (blocking: the intake's own thread).
+
+        A big batch skips the per-file fsyncs (``Taken.durable`` is False): the caller makes
+        it durable with one filesystem sync before any of its jobs is queued. An invalid file
+        is finished already, and archived here."""
+        durable = len(paths) < BATCH_SYNC_FROM
+        logger = log.get()
+        # A big batch looks output names up in one listing of the outbox; a few files make
+        # fewer lookups than listing a full outbox would cost.
+        names = contextlib.nullcontext() if durable else self.outbox_listed(len(paths))
+        with names:
+            runs = [run for path in paths if (run := self._take_one(path, durable, logger))]
+        invalid = sum(m.state == "failed" for run in runs for m in run.members)
+        return Taken(runs, durable, invalid)
+
+    def _take_one(self, path: Path, durable: bool, logger: log.Logger) -> JobRun | None:
+        try:
+            run = self.spool.claim(path, durable=durable)
+        except OSError as e:
+            logger.error("intake.claim_failed", name=path.name, error=e.strerror)
+            return None
+        if run is None:
+            return None
+        logger.info("job.claimed", job_id=run.job_id, source=run.source)
+        try:
+            self.accept(run, durable=durable, logger=logger)
+        except Exception:  # e.g. the outbox is gone: keep the claim for a restart
+            logger.exception("intake.accept_failed", job_id=run.job_id, source=run.source)
+            return None
+        report_archived(run, self.spool.archive_if_done(run))
+        return run
 
     @contextlib.contextmanager
     def outbox_listed(self, files: int) -> Iterator[None]:
