@@ -53,9 +53,14 @@ class NotifyListener:
                 self.messages.append((time.monotonic(), line))
         return [m for _, m in self.messages]
 
-    def close(self) -> None:
+    def close(self, proc: asyncio.subprocess.Process) -> list[str]:
+        """After the test: kill the daemon if it still runs; every message it sent."""
+        if proc.returncode is None:
+            proc.kill()
+        messages = self.drain()
         asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
+        return messages
 
 
 @pytest.fixture
@@ -95,10 +100,7 @@ async def test_notify_ready_status_watchdog_and_stopping(
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        messages = listener.drain()
-        listener.close()
+        messages = listener.close(proc)
     pats = [t for t, m in listener.messages if m == "WATCHDOG=1"]
     assert len(pats) >= 4, messages
     gaps = [b - a for a, b in itertools.pairwise(pats)]
@@ -144,10 +146,7 @@ async def test_sighup_reloads_the_config_in_place_and_the_jobs_carry_on(
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        messages = listener.drain()
-        listener.close()
+        messages = listener.close(proc)
     lines = _log_lines(log)
     failed = [ln for ln in lines if ln["event"] == "daemon.reload_failed"]
     assert len(failed) == 1 and "concurrency" in failed[0]["error"], failed

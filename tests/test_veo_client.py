@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from reeldrop import writer
 from reeldrop.errors import APIError, DownloadError, GenerationFailed
 from reeldrop.jobs import Member
+from reeldrop.sidecar import VideoFile
 from reeldrop.simulator import Simulator
 from reeldrop.veo import (
     Operation,
@@ -150,14 +151,19 @@ async def generated_uri(client: VeoClient) -> str:
     return uri
 
 
+async def downloaded_whole(client: VeoClient, tmp_path: Path) -> tuple[str, Path, VideoFile]:
+    """A new video's URI, downloaded once in full to ``whole.mp4``."""
+    uri = await generated_uri(client)
+    whole = tmp_path / "whole.mp4"
+    return uri, whole, await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+
+
 async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator) -> None:
     """A partial file left by a broken transfer is resumed from its length and checked whole."""
     sim.config = msgspec.structs.replace(sim.config, video_bytes=200_000)
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))
-        uri = await generated_uri(client)
-        whole = tmp_path / "whole.mp4"
-        await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+        uri, whole, _ = await downloaded_whole(client, tmp_path)
         partial = tmp_path / "r.part"
         partial.write_bytes(whole.read_bytes()[:123_456])
         before = sim.stats["downloads"]
@@ -175,9 +181,7 @@ async def test_a_partial_file_holding_the_whole_video_is_published_as_it_is(
     answers), and the file is checked and published without fetching it again, not failed."""
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))
-        uri = await generated_uri(client)
-        whole = tmp_path / "whole.mp4"
-        first = await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+        uri, whole, first = await downloaded_whole(client, tmp_path)
         partial = tmp_path / "r.part"
         partial.write_bytes(whole.read_bytes())
         before = sim.stats["downloads"]
@@ -195,9 +199,7 @@ async def test_a_partial_file_longer_than_the_video_is_removed(
     retryable download error, the file is gone, and the next try downloads it whole."""
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))
-        uri = await generated_uri(client)
-        whole = tmp_path / "whole.mp4"
-        await download_video(client, uri, tmp_path / "w.part", whole, 0o640)
+        uri, whole, _ = await downloaded_whole(client, tmp_path)
         partial = tmp_path / "r.part"
         partial.write_bytes(whole.read_bytes() + b"junk")
         with pytest.raises(DownloadError, match="did not match the video's length") as info:
