@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -9,6 +13,8 @@ import pytest
 from reeldrop.config import load
 from reeldrop.errors import InvalidJob
 from reeldrop.jobs import check_output_name, is_job_name, parse
+from reeldrop.sidecar import now
+from reeldrop.spool import new_job_id
 
 CONFIG = load(environ={})
 
@@ -124,3 +130,45 @@ def test_the_config_extends_the_capability_table(tmp_path: Any) -> None:
 def test_which_names_the_inbox_takes(name: str, taken: bool) -> None:
     """Only NAME.prompt and NAME.json are jobs; dotfiles and temporary names are ignored."""
     assert is_job_name(name) is taken
+
+
+def test_timestamps_are_rfc3339_utc_milliseconds_of_the_current_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``now()`` (built from a kept second's text) reads as ``isoformat`` would: UTC even
+    where local time is not, three digits of milliseconds, cut not rounded, and the current
+    time, across a change of second."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        seconds: set[str] = set()
+        deadline = time.monotonic() + 3
+        while len(seconds) < 2 and time.monotonic() < deadline:
+            before = datetime.now(UTC).isoformat(timespec="milliseconds")[:23] + "Z"
+            stamp = now()
+            after = datetime.now(UTC).isoformat(timespec="milliseconds")[:23] + "Z"
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+            assert before <= stamp <= after
+            seconds.add(stamp[:19])
+        assert len(seconds) >= 2
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_job_ids_are_unique_sortable_and_differ_in_a_forked_child() -> None:
+    """Job ids start with their UTC second, carry 32 random bits, never a dot, do not repeat,
+    and a forked child does not repeat its parent's next ids."""
+    ids = [new_job_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", i) for i in ids)
+    assert ids == sorted(ids, key=lambda i: i[:16])
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(writer, new_job_id().encode())
+        os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 64).decode()
+    os.close(reader)
+    os.waitpid(pid, 0)
+    assert child[-8:] != new_job_id()[-8:]

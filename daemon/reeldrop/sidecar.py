@@ -8,8 +8,9 @@ public interface.
 
 from __future__ import annotations
 
+import functools
 import os
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +33,21 @@ class VideoFile(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def now() -> str:
-    """RFC 3339 UTC timestamp with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC timestamp with milliseconds (cut, not rounded, as ``isoformat`` does).
+
+    Every state change stamps one, and a claim two: built from the second's text, kept,
+    this costs 1.7 µs against 4 µs for an aware ``datetime``'s ``isoformat`` (about 5% of
+    a claim's CPU in the backlog benchmark)."""
+    t = time.time()
+    second = int(t)
+    return f"{utc_second(second, '%Y-%m-%dT%H:%M:%S')}.{int((t - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def utc_second(second: int, layout: str) -> str:
+    """A Unix second as UTC text in ``layout`` (``time.strftime``); the last few are kept,
+    since a busy daemon stamps many things within one."""
+    return time.strftime(layout, time.gmtime(second))
 
 
 class Sidecar(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
