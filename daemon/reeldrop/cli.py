@@ -167,9 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = [n for n, _ in config_mod.setting_names()]
 
     def load() -> config_mod.Config:
-        loaded = config_mod.load(args.config, flags=_flags(args, names))
-        loaded.require_dirs()
-        return loaded
+        return config_mod.load(args.config, flags=_flags(args, names))
 
     cfg = load()
     secrets = [cfg.api_key.reveal()] if cfg.api_key else []

@@ -157,7 +157,7 @@ class Daemon:
         say why and run on with the current one."""
         assert self.reload_config is not None
         try:
-            await asyncio.to_thread(self.reload_config)
+            (await asyncio.to_thread(self.reload_config)).require_dirs()  # as at start
         except (ConfigError, OSError) as e:
             log.get().error("daemon.reload_failed", error=str(e))
             return

@@ -289,5 +289,6 @@ class Spool:
 
 
 def record_error(run: JobRun, error: OSError) -> OutputError:
+    """A failed record write, as the member's error (``Spool.record`` and grouped writes)."""
     return OutputError(f"Cannot record the job's state in {run.area}: {error.strerror}.")
 

@@ -64,8 +64,11 @@ async def download_video(
         file = _PartialFile(partial, mode, parent_mode, resumed=resumed)
         if resumed:
             file.digest, file.stored = await blocking.run(_hash_existing, partial)
-        length = "0" if whole else resp.headers.get("Content-Length")
-        expected = file.stored + int(length) if length and length.isdigit() else None
+        length = resp.headers.get("Content-Length")
+        if whole:
+            expected: int | None = file.stored
+        else:
+            expected = file.stored + int(length) if length and length.isdigit() else None
         try:
             if not whole:  # (a 416's body is an error message, not video)
                 async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
