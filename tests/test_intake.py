@@ -67,6 +67,34 @@ async def test_a_burst_into_a_quiet_inbox_is_reported_while_it_lands(tmp_path: P
     assert took < 0.6
 
 
+async def test_files_leaving_the_inbox_do_not_wake_the_intake(tmp_path: Path) -> None:
+    """A job file moved out of the inbox (what every claim does) is no work: it does not
+    wake the intake (nor keep the watch on its fast step, which costs about 12 ms of CPU a
+    second); a file moved in afterwards still does, within a few steps."""
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "claimed"
+    inbox.mkdir()
+    elsewhere.mkdir()
+    for i in range(50):
+        (inbox / f"job-{i}.prompt").write_text("a prompt")
+    wake, stop = asyncio.Event(), asyncio.Event()
+    pump = asyncio.create_task(watcher.pump(
+        inbox, wake, stop, rescan_s=60, step_ms=5, idle_step_ms=20, busy_s=10,
+        force_polling=False, poll_delay_ms=1000))
+    try:
+        await asyncio.sleep(0.5)  # the watch is set up
+        wake.clear()
+        for path in list(inbox.iterdir()):
+            path.rename(elsewhere / path.name)
+        await asyncio.sleep(0.5)  # 25 idle steps
+        woken_by_leaving = wake.is_set()
+        drop(inbox, "arrived.prompt", "a new job")
+        await asyncio.wait_for(wake.wait(), 2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(pump, 5)
+    assert not woken_by_leaving
+
+
 @pytest.fixture
 def sim_config() -> SimConfig:
     return SimConfig(latency_s=0.05, latency_jitter_s=0.05, seed=4)

@@ -94,8 +94,10 @@ async def pump(
     every restart covers a file that landed in between.
     """
 
-    def relevant(_change: watchfiles.Change, path: str) -> bool:
-        return is_job_name(os.path.basename(path))
+    def relevant(change: watchfiles.Change, path: str) -> bool:
+        # A file leaving the inbox (our own claims, mostly) is never work: it neither
+        # wakes the intake nor keeps the watch on its fast step.
+        return change != watchfiles.Change.deleted and is_job_name(os.path.basename(path))
 
     busy = False
     while not stop.is_set():
