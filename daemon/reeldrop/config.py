@@ -128,7 +128,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     rescan_s: Positive = 30.0
     watch_step_ms: Count = 5  # watcher latency while files arrive (about 1.5 steps)
     watch_idle_step_ms: Count = 50  # and when the inbox has been quiet for watch_busy_s
-    watch_busy_s: Positive = 10.0
+    # The fast step costs ~12 ms of CPU a second; a file after a longer gap waits ~75 ms.
+    watch_busy_s: Positive = 2.0
     poll: bool = False  # watch by polling (network filesystems)
     poll_delay_ms: Count = 1000
     max_job_bytes: Count = 1024 * 1024
