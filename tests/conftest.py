@@ -6,12 +6,15 @@ and outbox are real directories under ``tmp_path``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from reeldrop import log
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import TEST_KEY
@@ -38,3 +41,14 @@ def daemon_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONFAULTHANDLER"] = "1"  # a hung daemon dumps its stacks when wait_exit aborts it
     yield env
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Leave structlog and the root logger as the test found them."""
+    config, handlers = structlog.get_config(), logging.getLogger().handlers[:]
+    configured = log._configured
+    yield
+    structlog.configure(**config)
+    logging.getLogger().handlers[:] = handlers
+    log._configured = configured

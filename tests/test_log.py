@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 
 import pytest
-import structlog
 
 from reeldrop import log
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """Leave structlog and the root logger as the test found them."""
-    config, handlers = structlog.get_config(), logging.getLogger().handlers[:]
-    configured = log._configured
-    yield
-    structlog.configure(**config)
-    logging.getLogger().handlers[:] = handlers
-    log._configured = configured
 
 
 @pytest.mark.usefixtures("restore_logging")

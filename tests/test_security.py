@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
+import logging
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yarl
 
-from reeldrop.log import Redactor
+from reeldrop import log
 from reeldrop.simulator import SimConfig, Simulator
 
 from .support import REELDROP, drop, finished, make_config, running, sidecars, until
 
 
-def test_the_redactor_scrubs_the_key_and_anything_shaped_like_one() -> None:
-    """Known secrets and Google-key-shaped strings vanish from every field, nested or not."""
-    redact = Redactor(["s3cret-value"])
-    event = redact(None, "info", {
-        "event": "x", "url": "https://h/?key=s3cret-value", "nested": {"k": ["s3cret-value"]},
-        "other": "AIzaSyA1234567890abcdefghijklmnopqrstu", "n": 3,
-    })
-    assert event == {"event": "x", "url": "https://h/?key=[redacted]",
-                     "nested": {"k": ["[redacted]"]}, "other": "[redacted]", "n": 3}
+@pytest.mark.usefixtures("restore_logging")
+def test_no_log_line_carries_the_key_or_anything_shaped_like_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Known secrets (as written and as JSON escapes them) and Google-key-shaped strings
+    vanish from every rendered line: in any field, nested, inside an exception or an object
+    JSON cannot hold (its repr), and in the stdlib's records (aiohttp logs through those)."""
+    secret, quoted = "s3cret-value", 'with"quote'
+    log.configure("json", "info", [secret, quoted])
+    log.get().info(
+        "test.line", url=f"https://h/?key={secret}", nested={"k": [secret, (1, secret)]},
+        other="AIzaSyA1234567890abcdefghijklmnopqrstu", error=ValueError(f"bad {secret}"),
+        where=yarl.URL(f"https://h/x?key={secret}"), odd=f"a {quoted} b", n=3)
+    logging.getLogger("aiohttp.client").warning("request to %s failed", f"/?key={secret}")
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert secret not in out and "quote" not in out and "AIzaSy" not in out
+    first = lines[0]
+    assert first["url"] == "https://h/?key=[redacted]"
+    assert first["nested"] == {"k": ["[redacted]", [1, "[redacted]"]]}
+    assert first["other"] == "[redacted]" and first["n"] == 3
+    assert first["error"] == "ValueError: bad [redacted]"
+    assert first["where"] == "URL('https://h/x?key=[redacted]')"
+    assert first["odd"] == "a [redacted] b"
+    assert lines[1]["event"] == "request to /?key=[redacted] failed"
 
 
 @pytest.fixture

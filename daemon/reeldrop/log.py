@@ -1,8 +1,9 @@
 """Logging: structlog, configured once at start-up; JSON lines under systemd, console on a tty.
 
-The last processor before rendering removes secrets: the configured API key wherever it appears,
-and anything shaped like a Google API key. The stdlib's records (aiohttp's) go through the same
-chain, so nothing reaches stdout unredacted.
+The last processor, after rendering, removes secrets from the finished line: the configured API
+key wherever it appears, and anything shaped like a Google API key, whatever field, nesting or
+type (an exception, a URL object) carried it. The stdlib's records (aiohttp's) end the same way,
+so nothing reaches stdout unredacted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Literal
 
+import msgspec
 import structlog
 
 _KEY_SHAPE = re.compile(r"AIza[0-9A-Za-z_\-]{20,}")
@@ -23,31 +25,48 @@ _configured: Logger | None = None  # the logger of the last configure(), see get
 
 
 class Redactor:
-    """A structlog processor that scrubs known secrets and key-shaped strings from every value."""
+    """The processor after the renderer: scrubs known secrets and key-shaped strings from the
+    rendered line.
+
+    On the line, not field by field: one look per secret covers every key, value and
+    nesting, and values the walk did not know (a URL object's repr holds its query). It
+    also costs less: walking every field was a third of a line's cost. A secret is looked
+    for as written and as JSON escapes it.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = [s for s in secrets if len(s) >= 4]
+        forms = {form for s in secrets if len(s) >= 4
+                 for form in (s, msgspec.json.encode(s).decode()[1:-1])}
+        self.secrets = sorted(forms, key=len, reverse=True)  # a longer form before its part
 
     def scrub(self, text: str) -> str:
         for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return _KEY_SHAPE.sub(REDACTED, text)
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if "AIza" in text:  # the pattern's prefix: most lines never get as far as the regex
+            text = _KEY_SHAPE.sub(REDACTED, text)
+        return text
 
-    def _clean(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.scrub(value)
-        if isinstance(value, dict):
-            return {k: self._clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._clean(v) for v in value]
-        if isinstance(value, BaseException):
-            return self.scrub(f"{type(value).__name__}: {value}")
-        return value
+    def __call__(self, _logger: Any, _name: str, line: Any) -> str:
+        # (``line`` is the renderer's string; structlog types every processor's input as the
+        # event dict.)
+        return self.scrub(line)
 
-    def __call__(
-        self, _logger: Any, _name: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        return {k: self._clean(v) for k, v in event.items()}
+
+def _unencodable(value: Any) -> str:
+    """What JSON cannot hold: an exception as ``Type: message``, anything else as its repr."""
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    return repr(value)
+
+
+_json = msgspec.json.Encoder(enc_hook=_unencodable)
+
+
+def render_json(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
+    """One JSON line, through msgspec (half the cost of structlog's ``JSONRenderer`` on the
+    stdlib's ``json``; a daemon at level info writes about five lines a job)."""
+    return _json.encode(event).decode()
 
 
 def configure(
@@ -58,7 +77,7 @@ def configure(
     """Set up structlog and route the stdlib's logging through it. Call once, at start-up."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        render_json
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
@@ -69,10 +88,10 @@ def configure(
     ]
     if use_json:
         shared.append(structlog.processors.format_exc_info)
-    shared.append(Redactor(secrets))
+    redact = Redactor(secrets)
     numeric = getattr(logging, level.upper(), logging.INFO)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, renderer, redact],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
@@ -82,7 +101,8 @@ def configure(
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer,
+                        redact],
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         )
     )
