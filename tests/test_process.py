@@ -115,6 +115,35 @@ def _log_lines(log: Path) -> list[dict[str, Any]]:
             if line.startswith(b"{")]
 
 
+async def test_a_job_writes_three_info_lines_and_a_bad_file_says_why(
+        tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
+    """At the default level a job that goes well writes three lines: job.accepted,
+    job.submitted and its job.finished summary, which says where the job was archived. A bad
+    file writes job.invalid with the reason, and job.archived to failed. No line holds the
+    key."""
+    sim.config = msgspec.structs.replace(sim.config, latency_s=0.2, latency_jitter_s=0.0)
+    drop(tmp_path / "inbox", "good.prompt", "a prompt")
+    drop(tmp_path / "inbox", "bad.json", '{"prompt": "x", "colour": "red"}')
+    log = tmp_path / "log"
+    proc = await spawn(daemon_args(tmp_path, sim.base_url), env_with_key(daemon_env), log)
+    try:
+        await until(finished(tmp_path / "outbox", 2), what="both jobs finished")
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert TEST_KEY not in log.read_text()
+    lines = _log_lines(log)
+    by_source = {ln["source"]: ln["job_id"] for ln in lines if "source" in ln}
+    good = [ln for ln in lines if ln.get("job_id") == by_source["good.prompt"]]
+    bad = [ln for ln in lines if ln.get("job_id") == by_source["bad.json"]]
+    assert [ln["event"] for ln in good] == ["job.accepted", "job.submitted", "job.finished"]
+    assert good[-1]["state"] == "succeeded" and good[-1]["archived"] == "done"
+    assert [ln["event"] for ln in bad] == ["job.invalid", "job.archived"]
+    assert "colour" in bad[0]["error"] and bad[1]["to"] == "failed"
+
+
 async def test_sighup_reloads_the_config_in_place_and_the_jobs_carry_on(
         tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
     """SIGHUP with a broken config: daemon.reload_failed, and the daemon runs on. With a good

@@ -213,10 +213,10 @@ class Daemon:
                 self.queue.put_nowait((run, member.index))
 
     def settled(self, run: JobRun, member: Sidecar, archived: Path | None) -> None:
-        """A member's final write landed (on the loop, once per member)."""
+        """A member's final write landed (on the loop, once per member; its ``job.finished``
+        line says where the job was archived)."""
         self.counts["done" if member.state == "succeeded" else "failed"] += 1
         self.intake.release(member)
-        report_archived(run, archived)
 
     async def worker(self) -> None:
         """One generation slot: a member from its submission until its operation is done.

@@ -114,8 +114,7 @@ class Intake:
             return None
         if run is None:
             return None
-        logger.info("job.claimed", job_id=run.job_id, source=run.source)
-        try:
+        try:  # one line a claim: job.accepted, or job.invalid with the reason
             self.accept(run, durable=durable, logger=logger)
         except Exception:  # e.g. the outbox is gone: keep the claim for a restart
             logger.exception("intake.accept_failed", job_id=run.job_id, source=run.source)

@@ -194,6 +194,7 @@ class Runner:
         """Once the member's final write landed (in the job's log context): ``on_settled``,
         then the job's summary line."""
         error = None if settling.cancelled() else settling.exception()
+        archived: Path | None = None
         if error is not None:  # write_group reports OutputError; anything else is a bug
             log.get().error("job.final_write_error", error=describe(error).message)
         elif isinstance(outcome := settling.result(), OutputError):
@@ -201,12 +202,14 @@ class Runner:
             log.get().error("job.state_write_failed", job_id=run.job_id, error=outcome.message)
             self.on_settled(run, member, None)
         else:
+            archived = outcome
             self.on_settled(run, member, outcome)
         log.get().info(
             "job.finished", state=member.state, attempts=member.attempts,
             seconds=round(time.monotonic() - started, 3),
             bytes=sum(v.bytes for v in member.videos), operation=member.operation,
             error=member.error.message if member.error else None,
+            archived=archived.parent.name if archived else None,  # the job's last member
         )
 
     async def _submit(self, run: JobRun, member: Sidecar, logger: log.Logger) -> Sidecar:
