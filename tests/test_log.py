@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -29,3 +30,6 @@ def test_get_hands_out_the_configured_logger_and_a_new_configuration_replaces_it
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(d["event"], d.get("job_id"), d.get("n"), d.get("step")) for d in lines] == [
         ("test.shown", "J1", 1, None), ("test.bound", None, None, "bound")]
+    # Stamped as the sidecars are (UTC, milliseconds), so the two read side by side.
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", d["timestamp"])
+               for d in lines)

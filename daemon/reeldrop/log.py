@@ -17,6 +17,8 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from .sidecar import now
+
 _KEY_SHAPE = re.compile(r"AIza[0-9A-Za-z_\-]{20,}")
 REDACTED = "[redacted]"
 
@@ -63,6 +65,14 @@ def _unencodable(value: Any) -> str:
 _json = msgspec.json.Encoder(enc_hook=_unencodable)
 
 
+def add_timestamp(_logger: Any, _name: str, event: MutableMapping[str, Any]
+                  ) -> MutableMapping[str, Any]:
+    """The sidecars' timestamp (UTC, milliseconds) on every line, so the two read side by
+    side; 1.7 µs against 5 µs for structlog's ``TimeStamper``."""
+    event["timestamp"] = now()
+    return event
+
+
 def render_json(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
     """One JSON line, through msgspec (half the cost of structlog's ``JSONRenderer`` on the
     stdlib's ``json``; a daemon at level info writes about five lines a job)."""
@@ -84,7 +94,7 @@ def configure(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_timestamp,
     ]
     if use_json:
         shared.append(structlog.processors.format_exc_info)
@@ -93,7 +103,7 @@ def configure(
     structlog.configure(
         processors=[*shared, renderer, redact],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),  # print() costs more
         cache_logger_on_first_use=False,
     )
     global _configured  # noqa: PLW0603 - the one logger of this configuration, see get()
