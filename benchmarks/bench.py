@@ -106,7 +106,7 @@ class DaemonProcess:
         self.root, self.inbox, self.outbox = root, root / "inbox", root / "outbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "reeldrop", "run", "--inbox", str(self.inbox),
-                "--outbox", str(self.outbox), "--base-url", base_url, "--log-level", "warning"]
+                "--outbox", str(self.outbox), "--base-url", base_url, "--log-level", "info"]
         for name, value in settings.items():
             args += ["--" + name.replace("_", "-"), str(value)]
         env = {**daemon_env(), **(env or {})}
