@@ -115,12 +115,12 @@ def _log_lines(log: Path) -> list[dict[str, Any]]:
             if line.startswith(b"{")]
 
 
-async def test_a_job_writes_three_info_lines_and_a_bad_file_says_why(
+async def test_a_job_writes_two_info_lines_and_a_bad_file_says_why(
         tmp_path: Path, sim: Simulator, daemon_env: dict[str, str]) -> None:
-    """At the default level a job that goes well writes three lines: job.accepted,
-    job.submitted and its job.finished summary, which says where the job was archived. A bad
-    file writes job.invalid with the reason, and job.archived to failed. No line holds the
-    key."""
+    """At the default level a job that goes well writes two lines of its own, both naming its
+    file: job.submitted and its job.finished summary, which says where the job was archived;
+    its claim is counted in its batch's intake.claimed line. A bad file writes job.invalid
+    with the reason, and job.archived to failed. No line holds the key."""
     sim.config = msgspec.structs.replace(sim.config, latency_s=0.2, latency_jitter_s=0.0)
     drop(tmp_path / "inbox", "good.prompt", "a prompt")
     drop(tmp_path / "inbox", "bad.json", '{"prompt": "x", "colour": "red"}')
@@ -138,8 +138,11 @@ async def test_a_job_writes_three_info_lines_and_a_bad_file_says_why(
     by_source = {ln["source"]: ln["job_id"] for ln in lines if "source" in ln}
     good = [ln for ln in lines if ln.get("job_id") == by_source["good.prompt"]]
     bad = [ln for ln in lines if ln.get("job_id") == by_source["bad.json"]]
-    assert [ln["event"] for ln in good] == ["job.accepted", "job.submitted", "job.finished"]
+    assert [ln["event"] for ln in good] == ["job.submitted", "job.finished"]
+    assert all(ln["source"] == "good.prompt" for ln in good)
     assert good[-1]["state"] == "succeeded" and good[-1]["archived"] == "done"
+    claimed = [ln for ln in lines if ln["event"] == "intake.claimed"]
+    assert sum(ln["jobs"] for ln in claimed) == 2 and sum(ln["invalid"] for ln in claimed) == 1
     assert [ln["event"] for ln in bad] == ["job.invalid", "job.archived"]
     assert "colour" in bad[0]["error"] and bad[1]["to"] == "failed"
 

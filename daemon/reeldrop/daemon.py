@@ -237,7 +237,8 @@ class Daemon:
             self.counts["busy"] += 1
             handed_off = False
             try:
-                with log.job_context(job_id=run.job_id, output=run.members[index - 1].output):
+                with log.job_context(job_id=run.job_id, source=run.source,
+                                     output=run.members[index - 1].output):
                     outcome = await self.runner.generate(run, index)
                     if not isinstance(outcome, asyncio.Future):  # generated: download next
                         await self.download_slots.acquire()

@@ -104,6 +104,9 @@ class Intake:
         with names:
             runs = [run for path in paths if (run := self._take_one(path, durable, logger))]
         invalid = sum(m.state == "failed" for run in runs for m in run.members)
+        if runs:  # one line a batch: a backlog's 10,000 claims would flood the journal
+            logger.info("intake.claimed", jobs=len(runs),
+                        members=sum(len(run.members) for run in runs), invalid=invalid)
         return Taken(runs, durable, invalid)
 
     def _take_one(self, path: Path, durable: bool, logger: log.Logger) -> JobRun | None:
@@ -114,7 +117,7 @@ class Intake:
             return None
         if run is None:
             return None
-        try:  # one line a claim: job.accepted, or job.invalid with the reason
+        try:  # job.accepted (debug), or job.invalid with the reason (error)
             self.accept(run, durable=durable, logger=logger)
         except Exception:  # e.g. the outbox is gone: keep the claim for a restart
             logger.exception("intake.accept_failed", job_id=run.job_id, source=run.source)
@@ -176,8 +179,10 @@ class Intake:
                 created_at=stamp, updated_at=stamp, metadata=m.metadata,
             )
             run.members.append(self._publish_first(run, draft, durable, record=batch is not None))
-        (logger or log.get()).info("job.accepted", job_id=run.job_id, source=run.source,
-                                   members=len(run.members))
+        # At debug: the batch's intake.claimed line counts it, and the job's later lines
+        # name its file (``source`` is bound with the job id).
+        (logger or log.get()).debug("job.accepted", job_id=run.job_id, source=run.source,
+                                    members=len(run.members))
         return run.members
 
     def adopt(self, run: JobRun) -> None:
