@@ -23,7 +23,8 @@ from .sidecar import Sidecar
 
 MEMBER_PREFIX = "member-"
 RECORD_SUFFIX = ".jsonl"
-_JOB_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+# 64 random bits; 32 in the ids of earlier versions, which a spool may still hold.
+_JOB_ID = re.compile(r"\d{8}T\d{6}Z-(?:[0-9a-f]{16}|[0-9a-f]{8})")
 _RECORD_NAME = re.compile(rf"{MEMBER_PREFIX}\d{{4}}\{RECORD_SUFFIX}")
 # The older layout's records inside a job directory: ``.jsonl`` logs, and before them
 # one-document ``.json`` files (read so that jobs in flight survive an upgrade).
