@@ -21,7 +21,6 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import blocking, log, watcher
@@ -212,7 +211,7 @@ class Daemon:
             if member.state not in TERMINAL:
                 self.queue.put_nowait((run, member.index))
 
-    def settled(self, run: JobRun, member: Sidecar, archived: Path | None) -> None:
+    def settled(self, member: Sidecar) -> None:
         """A member's final write landed (on the loop, once per member; its ``job.finished``
         line says where the job was archived)."""
         self.counts["done" if member.state == "succeeded" else "failed"] += 1

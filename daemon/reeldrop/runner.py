@@ -111,10 +111,10 @@ def _age_s(stamp: str | None) -> float:
 
 class Runner:
     def __init__(self, config: Config, client: VeoClient, spool: Spool, gate: SubmitGate,
-                 on_settled: Callable[[JobRun, Sidecar, Path | None], None] | None = None):
+                 on_settled: Callable[[Sidecar], None] | None = None):
         self.config, self.spool = config, spool
         self.generation = Generation(client, gate, config)
-        self.on_settled = on_settled or (lambda _run, _member, _archived: None)
+        self.on_settled = on_settled or (lambda _member: None)
         self.critical: set[asyncio.Task[Any]] = set()  # tasks in a step shutdown lets finish
         self.durable_writes = DurableWrites(spool)  # shared by jobs whose states change together
         self.settling: set[Settling] = set()  # final writes queued or under way
@@ -200,10 +200,10 @@ class Runner:
         elif isinstance(outcome := settling.result(), OutputError):
             # Kept claimed: a restart picks the member up again.
             log.get().error("job.state_write_failed", job_id=run.job_id, error=outcome.message)
-            self.on_settled(run, member, None)
+            self.on_settled(member)
         else:
             archived = outcome
-            self.on_settled(run, member, outcome)
+            self.on_settled(member)
         log.get().info(
             "job.finished", state=member.state, attempts=member.attempts,
             seconds=round(time.monotonic() - started, 3),
