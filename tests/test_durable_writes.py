@@ -1,4 +1,5 @@
-"""Durable state writes in groups (``reeldrop.durable_writes``), on real files under tmp_path."""
+"""Durable writes in groups (``reeldrop.durable_writes``; the videos' ``writer.publish_videos``),
+on real files under tmp_path."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from reeldrop import durable_writes
+from reeldrop import durable_writes, writer
 from reeldrop.config import Config
 from reeldrop.durable_writes import GROUP_SYNC_FROM, DurableWrites, Settled, write_group
 from reeldrop.errors import ErrorInfo, OutputError
+from reeldrop.files import syncfs
 from reeldrop.intake import Intake
 from reeldrop.sidecar import Sidecar, VideoFile, read_last
 from reeldrop.spool import JobRun, Spool
+from reeldrop.writer import Staged, publish_videos
 
 from .support import drop, make_config, sidecars
 
@@ -193,3 +196,80 @@ async def test_an_intermediate_state_that_cannot_be_stored_raises(tmp_path: Path
         assert isinstance(results[-1], OutputError)
         assert "Cannot write the sidecar a.json" in results[-1].message
         assert results[:-1] == [None] * (len(together) - 1)
+
+
+def staged_videos(outbox: Path, names: str) -> list[list[Staged]]:
+    """One whole video per name under its partial name, each a member's list."""
+    partial_dir = outbox / ".partial"
+    partial_dir.mkdir(exist_ok=True)
+    videos = []
+    for name in names:
+        partial = partial_dir / f"{name}.job.1.mp4.part"
+        partial.write_bytes(b"\0\0\0\x18ftyp" + name.encode() * 1000)
+        videos.append([Staged(partial, outbox / f"{name}.mp4")])
+    return videos
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_staged_videos_get_their_names_and_a_taken_name_fails_its_member_alone(
+        tmp_path: Path, grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published together (two flushes of the filesystem, however many videos) or one by one
+    (each file and the directory flushed, no filesystem flush), every video ends under its
+    public name with its bytes, and its partial file is gone; a name taken by a directory
+    is that member's OutputError, and the others are published all the same."""
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "b.mp4").mkdir()
+    (outbox / "b.mp4" / "keep").touch()
+    videos = staged_videos(outbox, "abcde")
+    assert len(videos) >= writer.GROUP_SYNC_FROM
+    flushed: list[Path] = []
+
+    def counted(path: str | Path) -> None:
+        flushed.append(Path(path))
+        syncfs(path)
+
+    monkeypatch.setattr(writer, "syncfs", counted)
+    if grouped:
+        outcomes = publish_videos(videos)
+    else:
+        outcomes = [publish_videos([staged])[0] for staged in videos]
+    assert flushed == ([outbox, outbox] if grouped else [])
+    assert isinstance(outcomes[1], OutputError)
+    assert outcomes[1].message.startswith("Cannot publish b.mp4: ")
+    assert outcomes[:1] + outcomes[2:] == [None] * 4
+    for name in "acde":
+        assert (outbox / f"{name}.mp4").read_bytes()[4:] == b"ftyp" + name.encode() * 1000
+    assert os.listdir(outbox / ".partial") == ["b.job.1.mp4.part"]
+
+
+def test_a_failed_flush_of_the_videos_fails_them_all_and_renames_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the flush before the renames reports a write error, no video's bytes can be
+    trusted: every member gets the error, and no video takes its public name."""
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+
+    def broken_disk(path: str | Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(path))
+
+    monkeypatch.setattr(writer, "syncfs", broken_disk)
+    outcomes = publish_videos(staged_videos(outbox, "abcd"))
+    assert {o.message for o in outcomes if isinstance(o, OutputError)} == {
+        "Cannot make the videos durable: Input/output error."}
+    assert len(outcomes) == 4
+    assert sorted(os.listdir(outbox)) == [".partial"]
+
+
+async def test_a_video_that_cannot_be_published_raises_for_its_member(tmp_path: Path) -> None:
+    """``DurableWrites.publish`` returns once the member's videos have their names, and
+    raises the OutputError that kept one from its name (the caller fails the member)."""
+    _, spool, _ = spool_with(tmp_path, {})
+    (spool.outbox / "b.mp4").mkdir()
+    (spool.outbox / "b.mp4" / "keep").touch()
+    a, b = staged_videos(spool.outbox, "ab")
+    writes = DurableWrites(spool)
+    results = await asyncio.gather(writes.publish(a), writes.publish(b),
+                                   return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], OutputError)
+    assert (spool.outbox / "a.mp4").exists()

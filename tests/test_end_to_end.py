@@ -14,9 +14,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from reeldrop import durable_writes
 from reeldrop.demo import examples_dir
+from reeldrop.errors import OutputError
 from reeldrop.sidecar import Sidecar, encode
 from reeldrop.simulator import SimConfig, Simulator
+from reeldrop.writer import GROUP_SYNC_FROM, Staged, publish_videos
 
 from .support import (
     NamesAppearing,
@@ -411,3 +414,35 @@ async def test_states_over_in_milliseconds_are_not_published(
         appearing.close()
     assert names.count("only.json") == versions, names
     assert sidecars(outbox)["only"].state == "succeeded"
+
+
+async def test_videos_whose_downloads_end_together_are_published_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon stages each downloaded video and publishes it through the grouped queue:
+    videos whose downloads end while the first is being published (held here for a second)
+    go together in the next group, flushed once for all. Every video ends under its name,
+    no partial file is left, and every sidecar says succeeded."""
+    sizes: list[int] = []
+
+    def held(videos: list[list[Staged]]) -> list[OutputError | None]:
+        sizes.append(len(videos))
+        if len(sizes) == 1:
+            time.sleep(1.0)  # in the worker thread: the other downloads end meanwhile
+        return publish_videos(videos)
+
+    monkeypatch.setattr(durable_writes, "publish_videos", held)
+    sim = Simulator(SimConfig(latency_s=0.3, latency_jitter_s=0.0))
+    await sim.start()
+    outbox = tmp_path / "outbox"
+    try:
+        async with running(make_config(tmp_path, sim.base_url, concurrency=12)):
+            for i in range(12):
+                drop(tmp_path / "inbox", f"job-{i:02}.prompt", f"job {i:02}")
+            await until(finished(outbox, 12), timeout=30)
+    finally:
+        await sim.stop()
+    assert sum(sizes) == 12 and sizes[0] == 1
+    assert max(sizes) >= GROUP_SYNC_FROM, sizes
+    assert {d.state for d in sidecars(outbox).values()} == {"succeeded"}
+    assert sorted(p.name for p in outbox.glob("*.mp4")) == [f"job-{i:02}.mp4" for i in range(12)]
+    assert os.listdir(outbox / ".partial") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import aiohttp
@@ -191,6 +192,48 @@ async def test_a_partial_file_holding_the_whole_video_is_published_as_it_is(
     assert not partial.exists()
     assert sim.stats["unsatisfiable_ranges"] == 1
     assert sim.stats["downloads"] == before, "the video was fetched again"
+
+
+async def test_a_staged_download_stays_checked_under_its_partial_name(
+        tmp_path: Path, sim: Simulator) -> None:
+    """Without ``publish`` the whole, checked video stays at the partial name with its mode,
+    and no public name appears; ``publish_videos`` then gives it its name, bytes unchanged."""
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        uri, whole, first = await downloaded_whole(client, tmp_path)
+        partial, final = tmp_path / "s.part", tmp_path / "s.mp4"
+        video = await download_video(client, uri, partial, final, 0o604, publish=False)
+        assert not final.exists()
+        assert partial.read_bytes() == whole.read_bytes()
+        assert partial.stat().st_mode & 0o777 == 0o604
+        assert (video.file, video.bytes, video.sha256) == ("s.mp4", first.bytes, first.sha256)
+        assert writer.publish_videos([[writer.Staged(partial, final)]]) == [None]
+    assert final.read_bytes() == whole.read_bytes() and not partial.exists()
+
+
+@pytest.mark.parametrize("publish", [True, False])
+async def test_a_download_that_is_not_an_mp4_is_removed_and_never_named(
+        tmp_path: Path, publish: bool) -> None:
+    """A body without an MP4's ``ftyp`` box at its start (an HTML error page served as 200)
+    fails as a DownloadError; its partial file is removed, published or staged alike, and
+    the public name never appears."""
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(body=b"<html>quota page</html>" * 10, content_type="text/html")
+
+    api = TestServer(web.Application())
+    api.app.router.add_get("/v1beta/files/{f}", html)
+    await api.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = VeoClient(session, make_config(tmp_path, str(api.make_url("/v1beta"))))
+            uri = "https://generativelanguage.googleapis.com/v1beta/files/abc:download?alt=media"
+            with pytest.raises(DownloadError, match="not an MP4 video"):
+                await download_video(client, uri, tmp_path / "p", tmp_path / "v.mp4", 0o640,
+                                     publish=publish)
+    finally:
+        await api.close()
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 async def test_a_partial_file_longer_than_the_video_is_removed(

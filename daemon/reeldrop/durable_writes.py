@@ -16,6 +16,10 @@ write asked for while none is under way starts at once, and groups form only whe
 come faster than they land, as when a round of jobs finishes together (and the next round's
 create calls are answered). Below ``GROUP_SYNC_FROM`` members a group is written member by
 member, as before: there, flushing the whole filesystem saves too little.
+
+Finished downloads queue the same way on a queue of their own (``publish``): a video's bytes
+must be durable before its name, and its name before the sidecar that announces it
+(``writer.publish_videos``).
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from . import blocking
 from .errors import OutputError
 from .files import syncfs
 from .sidecar import Sidecar
 from .spool import JobRun, Spool, record_error
+from .writer import Staged, publish_videos
 
 # Measured on a fresh ext4, CPU per final write: 0.7-1.2 ms alone, about the same in groups
 # of 2, 0.4 ms in groups of 4, 0.23-0.35 ms from 8 on.
@@ -41,18 +48,64 @@ Settling = asyncio.Future[Settled]
 Write = tuple[JobRun, Sidecar]  # a final write if the state is terminal
 
 
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+class _Groups(Generic[Item, Outcome]):
+    """A queue whose items are written in groups by ``write`` (blocking), one group at a
+    time, off the loop: each hop takes every item queued by then."""
+
+    def __init__(self, write: Callable[[list[Item]], list[Outcome]]) -> None:
+        self._write = write
+        self._queued: list[tuple[Item, asyncio.Future[Outcome]]] = []
+        self._writing = False
+
+    def queue(self, item: Item) -> asyncio.Future[Outcome]:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
+        if not self._writing:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        group, self._queued = self._queued, []
+        self._writing = True
+        # In an empty context: the group's own log lines belong to no single job.
+        hop = contextvars.Context().run(blocking.run, self._write, [i for i, _ in group])
+        hop.add_done_callback(functools.partial(self._landed, group))
+
+    def _landed(self, group: list[tuple[Item, asyncio.Future[Outcome]]],
+                hop: asyncio.Future[list[Outcome]]) -> None:
+        self._writing = False
+        error = hop.exception()
+        if error is not None:  # a bug: every waiter gets it
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+        else:
+            for (_, future), outcome in zip(group, hop.result(), strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+        if self._queued:
+            self._start()
+
+
 class DurableWrites:
-    """The queue of durable state writes; one group is written at a time, off the loop."""
+    """The queues of durable writes: members' states, and finished downloads' videos."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self._queued: list[tuple[JobRun, Sidecar, Settling]] = []
-        self._writing = False
+        self._states: _Groups[Write, Settled] = _Groups(self._write_states)
+        self._videos: _Groups[list[Staged], OutputError | None] = _Groups(publish_videos)
+
+    def _write_states(self, writes: list[Write]) -> list[Settled]:
+        return write_group(self.spool, writes)
 
     async def record(self, run: JobRun, member: Sidecar) -> None:
         """Record a member's intermediate state durably, then publish its sidecar; raises
         OutputError if it could not be stored."""
-        outcome = await self._queue(run, member)
+        outcome = await self._states.queue((run, member))
         if isinstance(outcome, OutputError):
             raise outcome
 
@@ -63,36 +116,14 @@ class DurableWrites:
         is cancelled (as long as the loop runs: shutdown waits for it).
         """
         assert member.done
-        return self._queue(run, member)
+        return self._states.queue((run, member))
 
-    def _queue(self, run: JobRun, member: Sidecar) -> Settling:
-        future: Settling = asyncio.get_running_loop().create_future()
-        self._queued.append((run, member, future))
-        if not self._writing:
-            self._start()
-        return future
-
-    def _start(self) -> None:
-        group, self._queued = self._queued, []
-        self._writing = True
-        writes = [(run, member) for run, member, _ in group]
-        # In an empty context: the group's own log lines belong to no single job.
-        hop = contextvars.Context().run(blocking.run, write_group, self.spool, writes)
-        hop.add_done_callback(functools.partial(self._landed, group))
-
-    def _landed(self, group: list[tuple[JobRun, Sidecar, Settling]],
-                hop: asyncio.Future[list[Settled]]) -> None:
-        self._writing = False
-        error = hop.exception()
-        outcomes = hop.result() if error is None else [None] * len(group)
-        for (_, _, future), outcome in zip(group, outcomes, strict=True):
-            if not future.done():
-                if error is None:
-                    future.set_result(outcome)
-                else:
-                    future.set_exception(error)
-        if self._queued:
-            self._start()
+    async def publish(self, videos: list[Staged]) -> None:
+        """Give a member's staged videos their public names, durably; raises the OutputError
+        that kept them from it. Once queued, this lands even if the caller is cancelled."""
+        outcome = await self._videos.queue(videos)
+        if outcome is not None:
+            raise outcome
 
 
 def write_group(spool: Spool, writes: list[Write]) -> list[Settled]:

@@ -165,13 +165,15 @@ class Generation:
 
     async def download(
         self, uri: str, partial: Path, final: Path, *, progress: Progress | None = None,
-        make_partial_dir: bool = False,
+        make_partial_dir: bool = False, publish: bool = True,
     ) -> VideoFile:
         """Fetch one video to ``final`` via ``partial``, retried as a download (never a
-        second generation). ``make_partial_dir``: create ``partial``'s directory if needed."""
+        second generation). ``make_partial_dir``: create ``partial``'s directory if needed;
+        without ``publish`` the video stays at ``partial`` (``writer.publish_videos``)."""
         parent_mode = self.config.dir_mode if make_partial_dir else None
         return await retry.call(
             lambda: download_video(self.client, uri, partial, final, self.config.file_mode,
-                                   progress=progress, parent_mode=parent_mode),
+                                   progress=progress, parent_mode=parent_mode,
+                                   publish=publish),
             tries=self.config.download_tries, base_s=self.config.retry_base_s,
             cap_s=self.config.retry_cap_s, phase="download")

@@ -34,6 +34,7 @@ from .scheduler import SubmitGate, kind_of
 from .sidecar import Sidecar, VideoFile, now
 from .spool import JobRun, Spool
 from .veo import VeoClient
+from .writer import Staged
 
 PROGRESS_EVERY_S = 1.0
 
@@ -288,10 +289,15 @@ class Runner:
             last = time.monotonic()
             shown.show_now(member.moved("downloading", bytes_done=done, bytes_total=total))
 
+        staged: list[Staged] = []
         for i, uri in enumerate(uris, start=1):
             name = f"{member.output}.mp4" if len(uris) == 1 else f"{member.output}-{i}.mp4"
             partial = partial_dir / f"{member.output}.{run.job_id}.{i}.mp4.part"
             with self._critical():
                 videos.append(await self.generation.download(
-                    uri, partial, outbox / name, progress=progress, make_partial_dir=True))
+                    uri, partial, outbox / name, progress=progress, make_partial_dir=True,
+                    publish=False))
+            staged.append(Staged(partial, outbox / name))
+        with self._critical():  # with the videos of downloads that end together
+            await self.durable_writes.publish(staged)
         return videos  # (the caller's shown.settle(): no progress lands after the final state)

@@ -1,8 +1,10 @@
 """Videos to disk: verified streaming downloads (small files: ``files``).
 
 Videos stream into a hidden partial file, are checked (length, MP4 ``ftyp`` box) and hashed on
-the way, and appear under their public name only by rename, after an fsync. Nothing here
-follows a symlink planted by someone else.
+the way, and appear under their public name only by rename, once their bytes are durable.
+The daemon leaves that last step to ``publish_videos``, which shares one flush of the
+filesystem among the videos whose downloads end together. Nothing here follows a symlink
+planted by someone else.
 """
 
 from __future__ import annotations
@@ -14,19 +16,31 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
 from . import blocking
 from .errors import DownloadError, OutputError
-from .files import fsync_dir, write_all
+from .files import fsync_dir, syncfs, write_all
 from .sidecar import VideoFile
 from .veo import VeoClient
 
 Progress = Callable[[int, int | None], None]  # (bytes received, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
 BATCH_BYTES = 256 << 10  # chunks gather to this size before a thread hop writes them
+# From this many videos on, ``publish_videos`` flushes the filesystem instead of each file
+# (as durable_writes.GROUP_SYNC_FROM, measured for state writes on a fresh ext4).
+GROUP_SYNC_FROM = 4
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A whole, checked video still under its partial name (``download_video(publish=False)``)."""
+
+    partial: Path
+    final: Path
 
 
 def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
@@ -41,7 +55,7 @@ def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
 
 async def download_video(
     client: VeoClient, uri: str, partial: Path, final: Path, mode: int, *,
-    progress: Progress | None = None, parent_mode: int | None = None,
+    progress: Progress | None = None, parent_mode: int | None = None, publish: bool = True,
 ) -> VideoFile:
     """Stream one video to ``partial`` (resuming it with Range if present), verify, publish.
 
@@ -49,7 +63,8 @@ async def download_video(
     its checks is removed. The public name appears only once the whole, checked file is there.
     A partial file that holds the whole video already (a stop between its last write and its
     rename) is checked and published as it is. With ``parent_mode``, a missing partial
-    directory is created with that mode.
+    directory is created with that mode. Without ``publish`` the checked file stays at
+    ``partial``, not yet flushed, for the caller's ``publish_videos``.
     """
     offset = _size(partial)
     resp = await client.open_download(uri, offset)
@@ -80,7 +95,7 @@ async def download_video(
                 await file.flush()  # kept for the next try to resume
                 raise DownloadError(
                     f"The download ended at {file.received} of {expected} bytes.")
-            await file.publish(final)
+            await file.finish(final, publish=publish)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise DownloadError(f"The download broke off after {file.received} bytes "
                                 f"({type(e).__name__}).") from None
@@ -118,12 +133,12 @@ class _PartialFile:
     Chunks gather until ``BATCH_BYTES``; each batch is then hashed and written in a thread
     while the loop receives the next (both release the interpreter lock on large buffers),
     one batch at a time. The first batch's hop opens the file, and the last batch's write,
-    the checks, the fsync and the rename are one hop (``publish``): a small video costs a
-    single hop, and nothing of a download is opened, written, flushed or (once published)
-    closed on the loop (only the partial file's size is looked up there, before the
-    request), so a stalled disk stalls that download alone. The wait for a batch is
-    shielded: a cancelled download must not leave a thread writing to a closed file
-    descriptor.
+    the checks and the close (and, unless the caller publishes it later, the fsync and the
+    rename) are one hop (``finish``): a small video costs a single hop, and nothing of a
+    download is opened, written, flushed or (once finished) closed on the loop (only the
+    partial file's size is looked up there, before the request), so a stalled disk stalls
+    that download alone. The wait for a batch is shielded: a cancelled download must not
+    leave a thread writing to a closed file descriptor.
     """
 
     def __init__(self, path: Path, mode: int, parent_mode: int | None, *,
@@ -159,10 +174,11 @@ class _PartialFile:
             self._hand_on(self._store)
             await self._wait()
 
-    async def publish(self, final: Path) -> None:
-        """Write the last batch, check and flush the file, and rename it to ``final``."""
+    async def finish(self, final: Path, *, publish: bool) -> None:
+        """Write the last batch and check the file; with ``publish``, flush it and rename it
+        to ``final``."""
         await self._wait()
-        self._hand_on(functools.partial(self._publish, final=final))
+        self._hand_on(functools.partial(self._finish, final=final, publish=publish))
         await self._wait()
 
     def _hand_on(self, store: Callable[[bytes], None]) -> None:
@@ -184,7 +200,7 @@ class _PartialFile:
         self.digest.update(data)
         write_all(self.fd, data)
 
-    def _publish(self, data: bytes, final: Path) -> None:
+    def _finish(self, data: bytes, final: Path, publish: bool) -> None:
         """The last hop (blocking): no fsync on the event loop. A failed write of the last
         batch raises OSError, as any batch's does (``download_video`` reports it)."""
         self._store(data)
@@ -195,10 +211,11 @@ class _PartialFile:
                 _discard(self.path)
                 raise DownloadError(
                     "The downloaded file is not an MP4 video (no ftyp box at its start).")
-            os.fsync(fd)  # the bytes are on disk before the name is
             os.fchmod(fd, self.mode)
-            os.replace(self.path, final)
-            fsync_dir(final.parent)
+            if publish:
+                os.fsync(fd)  # the bytes are on disk before the name is
+                os.replace(self.path, final)
+                fsync_dir(final.parent)
         except OSError as e:
             raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
         # Closed here too: on the loop, a syscall waits for the interpreter lock on its way
@@ -234,3 +251,53 @@ def _size(path: Path) -> int:
 def _discard(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def publish_videos(videos: list[list[Staged]]) -> list[OutputError | None]:
+    """Give staged videos their public names, durably (blocking); per list (one member's
+    videos), None or the OutputError that kept them from it.
+
+    Each video's bytes are durable before its name is, and its name before this returns (a
+    sidecar may then say it is there). From ``GROUP_SYNC_FROM`` videos on, that is one flush
+    of the filesystem before the renames and one after, for all of them; on ext4 without a
+    journal every fsync also flushes the device. A failed flush fails every list.
+    """
+    outcomes: list[OutputError | None] = [None] * len(videos)
+    if sum(map(len, videos)) < GROUP_SYNC_FROM:
+        for i, staged in enumerate(videos):
+            try:
+                for video in staged:
+                    _flush_file(video.partial)
+                    os.replace(video.partial, video.final)
+                    fsync_dir(video.final.parent)
+            except OSError as e:
+                outcomes[i] = _publish_error(video, e)
+        return outcomes
+    outboxes = {video.final.parent for staged in videos for video in staged}
+    try:
+        for outbox in outboxes:
+            syncfs(outbox)  # every staged video's bytes
+        for i, staged in enumerate(videos):
+            try:
+                for video in staged:
+                    os.replace(video.partial, video.final)
+            except OSError as e:
+                outcomes[i] = _publish_error(video, e)
+        for outbox in outboxes:
+            syncfs(outbox)  # and their names
+    except OSError as e:
+        error = OutputError(f"Cannot make the videos durable: {e.strerror}.")
+        return [outcome or error for outcome in outcomes]
+    return outcomes
+
+
+def _flush_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_error(video: Staged, e: OSError) -> OutputError:
+    return OutputError(f"Cannot publish {video.final.name}: {e.strerror}.")
