@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +31,7 @@ from reeldrop.writer import download_video
 
 from .support import TEST_KEY, make_config
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MEMBER = Member(prompt="a cat", model="veo-3.1-generate-preview", output="cat",
                 parameters={"aspect_ratio": "9:16", "duration_seconds": 8, "resolution": "1080p"})
 URI = "https://h/v1beta/files/abc:download?alt=media"
@@ -99,6 +102,19 @@ async def test_http_errors_carry_status_message_and_retryability(
     assert "wrong-key" not in info.value.message
 
 
+@contextlib.asynccontextmanager
+async def files_api(tmp_path: Path, handler: Handler) -> AsyncIterator[VeoClient]:
+    """A client whose base URL is a local server answering ``files/{f}`` with ``handler``."""
+    api = TestServer(web.Application())
+    api.app.router.add_get("/v1beta/files/{f}", handler)
+    await api.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield VeoClient(session, make_config(tmp_path, str(api.make_url("/v1beta"))))
+    finally:
+        await api.close()
+
+
 async def test_the_key_never_follows_a_redirect_to_another_host(tmp_path: Path) -> None:
     """Downloads send the key to the base URL's host only, not to the redirect target."""
     seen: dict[str, str | None] = {}
@@ -115,16 +131,10 @@ async def test_the_key_never_follows_a_redirect_to_another_host(tmp_path: Path) 
         seen["api"] = request.headers.get("x-goog-api-key")
         raise web.HTTPFound(str(other.make_url("/blob")))
 
-    api = TestServer(web.Application())
-    api.app.router.add_get("/v1beta/files/{f}", files)
-    await api.start_server()
     try:
-        async with aiohttp.ClientSession() as session:
-            client = VeoClient(session, make_config(tmp_path, str(api.make_url("/v1beta"))))
-            uri = "https://generativelanguage.googleapis.com/v1beta/files/abc:download?alt=media"
-            await download_video(client, uri, tmp_path / "p", tmp_path / "v.mp4", 0o640)
+        async with files_api(tmp_path, files) as client:
+            await download_video(client, URI, tmp_path / "p", tmp_path / "v.mp4", 0o640)
     finally:
-        await api.close()
         await other.close()
     assert seen == {"api": TEST_KEY, "storage": None}
 
@@ -221,18 +231,10 @@ async def test_a_download_that_is_not_an_mp4_is_removed_and_never_named(
     async def html(request: web.Request) -> web.Response:
         return web.Response(body=b"<html>quota page</html>" * 10, content_type="text/html")
 
-    api = TestServer(web.Application())
-    api.app.router.add_get("/v1beta/files/{f}", html)
-    await api.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            client = VeoClient(session, make_config(tmp_path, str(api.make_url("/v1beta"))))
-            uri = "https://generativelanguage.googleapis.com/v1beta/files/abc:download?alt=media"
-            with pytest.raises(DownloadError, match="not an MP4 video"):
-                await download_video(client, uri, tmp_path / "p", tmp_path / "v.mp4", 0o640,
-                                     publish=publish)
-    finally:
-        await api.close()
+    async with files_api(tmp_path, html) as client:
+        with pytest.raises(DownloadError, match="not an MP4 video"):
+            await download_video(client, URI, tmp_path / "p", tmp_path / "v.mp4", 0o640,
+                                 publish=publish)
     assert sorted(os.listdir(tmp_path)) == []
 
 
