@@ -13,9 +13,9 @@ import pytest
 
 from reeldrop import durable_writes, writer
 from reeldrop.config import Config
-from reeldrop.durable_writes import GROUP_SYNC_FROM, DurableWrites, Settled, write_group
+from reeldrop.durable_writes import DurableWrites, Settled, write_group
 from reeldrop.errors import ErrorInfo, OutputError
-from reeldrop.files import syncfs
+from reeldrop.files import GROUP_SYNC_FROM, syncfs
 from reeldrop.intake import Intake
 from reeldrop.sidecar import Sidecar, VideoFile, read_last
 from reeldrop.spool import JobRun, Spool
@@ -222,7 +222,7 @@ def test_staged_videos_get_their_names_and_a_taken_name_fails_its_member_alone(
     (outbox / "b.mp4").mkdir()
     (outbox / "b.mp4" / "keep").touch()
     videos = staged_videos(outbox, "abcde")
-    assert len(videos) >= writer.GROUP_SYNC_FROM
+    assert len(videos) >= GROUP_SYNC_FROM
     flushed: list[Path] = []
 
     def counted(path: str | Path) -> None:

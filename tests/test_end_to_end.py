@@ -17,9 +17,10 @@ import pytest
 from reeldrop import durable_writes
 from reeldrop.demo import examples_dir
 from reeldrop.errors import OutputError
+from reeldrop.files import GROUP_SYNC_FROM
 from reeldrop.sidecar import Sidecar, encode
 from reeldrop.simulator import SimConfig, Simulator
-from reeldrop.writer import GROUP_SYNC_FROM, Staged, publish_videos
+from reeldrop.writer import Staged, publish_videos
 
 from .support import (
     NamesAppearing,

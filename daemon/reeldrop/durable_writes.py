@@ -34,14 +34,10 @@ from typing import Generic, TypeVar
 
 from . import blocking
 from .errors import OutputError
-from .files import syncfs
+from .files import GROUP_SYNC_FROM, syncfs
 from .sidecar import Sidecar
 from .spool import JobRun, Spool, record_error
 from .writer import Staged, publish_videos
-
-# Measured on a fresh ext4, CPU per final write: 0.7-1.2 ms alone, about the same in groups
-# of 2, 0.4 ms in groups of 4, 0.23-0.35 ms from 8 on.
-GROUP_SYNC_FROM = 4
 
 Settled = Path | OutputError | None  # where the job was archived, or why nothing was stored
 Settling = asyncio.Future[Settled]

@@ -20,6 +20,11 @@ import secrets
 from pathlib import Path
 
 PARTIAL_DIR = ".partial"  # in the outbox: videos being downloaded (``writer``)
+# From this many files on, one ``syncfs`` is cheaper than an fsync of each. Measured on a fresh
+# ext4 for the spool's final writes, CPU per write: 0.7-1.2 ms alone, about the same in
+# groups of 2, 0.4 ms in groups of 4, 0.23-0.35 ms from 8 on (``durable_writes``; the
+# finished videos' ``writer.publish_videos`` follows it).
+GROUP_SYNC_FROM = 4
 
 
 def write_all(fd: int, data: bytes) -> None:

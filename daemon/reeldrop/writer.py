@@ -23,16 +23,13 @@ import aiohttp
 
 from . import blocking
 from .errors import DownloadError, OutputError
-from .files import fsync_dir, syncfs, write_all
+from .files import GROUP_SYNC_FROM, fsync_dir, syncfs, write_all
 from .sidecar import VideoFile
 from .veo import VeoClient
 
 Progress = Callable[[int, int | None], None]  # (bytes received, bytes expected or None)
 CHUNK_BYTES = 1 << 20  # large enough to keep syscalls rare, small enough to keep memory flat
 BATCH_BYTES = 256 << 10  # chunks gather to this size before a thread hop writes them
-# From this many videos on, ``publish_videos`` flushes the filesystem instead of each file
-# (as durable_writes.GROUP_SYNC_FROM, measured for state writes on a fresh ext4).
-GROUP_SYNC_FROM = 4
 
 
 @dataclass(frozen=True)
