@@ -35,8 +35,10 @@ before an older sibling is still noticed within ``poll_cold_skips + 1`` of its i
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Hashable
@@ -267,12 +269,18 @@ class Siblings:
     It also keeps, per kind, the oldest operation lately seen running (the lead), which
     vouches for the younger ones while the kind is cold (``vouched``), and the ages at which
     the last ones were found done, which the younger ones follow (``done_age_s``).
+
+    The waiting ones of a kind are kept in the order they started, so that a finish calls in
+    the ones it reaches without walking the others (with a job in every slot, each finish
+    walked every waiting job).
     """
 
     FOLLOW_FROM = 8  # how many of a kind's last done ages a younger operation follows
 
     def __init__(self) -> None:
-        self._waiting: dict[Hashable, dict[asyncio.Future[bool], float]] = {}
+        # kind: (born, a tie-breaker, the waiter), sorted: the oldest first
+        self._waiting: dict[Hashable, list[tuple[float, int, asyncio.Future[bool]]]] = {}
+        self._order = itertools.count()
         self._lead: dict[Hashable, tuple[float, float]] = {}  # kind: (born, seen running at)
         self._done_ages: dict[Hashable, collections.deque[float]] = {}
 
@@ -284,14 +292,15 @@ class Siblings:
             return False
         loop = asyncio.get_running_loop()
         called: asyncio.Future[bool] = loop.create_future()
-        waiting = self._waiting.setdefault(kind, {})
-        waiting[called] = born
+        waiting = self._waiting.setdefault(kind, [])
+        entry = (born, next(self._order), called)
+        bisect.insort(waiting, entry)
         timer = loop.call_later(seconds, _wake, called, False)
         try:
             return await called
         finally:
             timer.cancel()
-            del waiting[called]
+            del waiting[bisect.bisect_left(waiting, entry)]
             if not waiting:
                 del self._waiting[kind]
 
@@ -311,10 +320,11 @@ class Siblings:
         if age_s is not None:
             self._done_ages.setdefault(
                 kind, collections.deque(maxlen=self.FOLLOW_FROM)).append(age_s)
-        called = [f for f, b in self._waiting.get(kind, {}).items() if b <= born + reach_s]
-        for future in called:
+        waiting = self._waiting.get(kind, [])
+        reached = bisect.bisect_right(waiting, (born + reach_s, float("inf")))
+        for _, _, future in waiting[:reached]:
             _wake(future, True)
-        return len(called)
+        return reached
 
     def done_age_s(self, kind: Hashable) -> float | None:
         """The median age at which the last ``FOLLOW_FROM`` operations of ``kind`` were found
