@@ -18,7 +18,8 @@ import pytest
 from reeldrop.config import Config
 from reeldrop.generation import Generation
 from reeldrop.jobs import Member
-from reeldrop.scheduler import FirstLook, Siblings, SubmitGate, kind_of
+from reeldrop.polling import FirstLook, Siblings, kind_of
+from reeldrop.scheduler import SubmitGate
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.veo import VeoClient
 

@@ -7,8 +7,8 @@ PosixPath('fox.mp4')
 
 The daemon (``reeldrop run``) watches an inbox and turns job files into videos through Google
 Veo on the Gemini API; see the README. This package's modules, one per stage of the pipeline:
-``watcher`` → ``spool`` → ``intake`` → ``runner`` (``veo``, ``retry``, ``scheduler``) →
-``writer`` / ``sidecar``, wired together by ``daemon`` and driven by ``cli``.
+``watcher`` → ``spool`` → ``intake`` → ``runner`` (``veo``, ``retry``, ``scheduler``,
+``polling``) → ``writer`` / ``sidecar``, wired together by ``daemon`` and driven by ``cli``.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -28,8 +28,9 @@ from .config import Config
 from .errors import ConfigError
 from .intake import Intake, report_archived
 from .notify import Notifier
+from .polling import LEARNED_FILE, LearnedFile
 from .runtime import event_loop_runner, tune_gc
-from .scheduler import LEARNED_FILE, LearnedFile, Lull, SubmitGate
+from .scheduler import Lull, SubmitGate
 from .sidecar import TERMINAL, Sidecar
 from .spool import JobRun, Spool
 

@@ -18,7 +18,8 @@ from . import retry
 from .config import Config
 from .errors import APIError, GenerationFailed, GenerationTimeout
 from .jobs import Member
-from .scheduler import FirstLook, Siblings, SubmitGate, poll_delay, poll_interval
+from .polling import FirstLook, Siblings, poll_delay, poll_interval
+from .scheduler import SubmitGate
 from .sidecar import VideoFile
 from .veo import Operation, VeoClient, video_uris
 from .writer import Progress, download_video
@@ -81,9 +82,9 @@ class Generation:
 
         ``age_s`` is the operation's age as the wait begins (it may predate this process);
         by default it is counted from this call. ``kind``
-        (``scheduler.kind_of``) lets the first look come when operations like this one
+        (``polling.kind_of``) lets the first look come when operations like this one
         usually finish, and (``poll_siblings``) lets a younger operation of the kind found
-        done call this one in early (``scheduler.Siblings``), lets this one look once at the
+        done call this one in early (``polling.Siblings``), lets this one look once at the
         age at which the last ones of its kind were found done (``done_age_s``), and
         while the kind is cold, lets an older one just seen running stand in for some of this
         one's looks (``poll_cold_skips``).

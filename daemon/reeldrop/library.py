@@ -22,7 +22,8 @@ from .config import Config, load
 from .errors import ErrorInfo, ReeldropError
 from .generation import Generation
 from .jobs import VideoRequest
-from .scheduler import SubmitGate, kind_of
+from .polling import kind_of
+from .scheduler import SubmitGate
 from .veo import VeoClient, open_session
 from .writer import Progress
 

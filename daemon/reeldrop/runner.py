@@ -30,7 +30,8 @@ from .errors import GenerationFailed, OutputError, ReeldropError, describe
 from .files import PARTIAL_DIR
 from .generation import Generation
 from .jobs import Member
-from .scheduler import SubmitGate, kind_of
+from .polling import kind_of
+from .scheduler import SubmitGate
 from .sidecar import Sidecar, VideoFile, now
 from .spool import JobRun, Spool
 from .veo import VeoClient
