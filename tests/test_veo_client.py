@@ -185,19 +185,24 @@ async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator)
     assert sim.stats["ranged_downloads"] == 1
 
 
+@pytest.mark.parametrize("publish", [True, False])
 async def test_a_partial_file_holding_the_whole_video_is_published_as_it_is(
-        tmp_path: Path, sim: Simulator) -> None:
+        tmp_path: Path, sim: Simulator, publish: bool) -> None:
     """A stop between a download's last write and its rename leaves the whole video in the
     partial file: the next try's Range request is unsatisfiable (416, as Google's storage
-    answers), and the file is checked and published without fetching it again, not failed."""
+    answers), and the file is checked and published (or, for the daemon, staged and then
+    published) without fetching it again, not failed."""
     async with aiohttp.ClientSession() as session:
         client = VeoClient(session, make_config(tmp_path, sim.base_url))
         uri, whole, first = await downloaded_whole(client, tmp_path)
-        partial = tmp_path / "r.part"
+        partial, final = tmp_path / "r.part", tmp_path / "r.mp4"
         partial.write_bytes(whole.read_bytes())
         before = sim.stats["downloads"]
-        video = await download_video(client, uri, partial, tmp_path / "r.mp4", 0o640)
-    assert (tmp_path / "r.mp4").read_bytes() == whole.read_bytes()
+        video = await download_video(client, uri, partial, final, 0o640, publish=publish)
+    if not publish:
+        assert not final.exists()
+        assert writer.publish_videos([[writer.Staged(partial, final)]]) == [None]
+    assert final.read_bytes() == whole.read_bytes()
     assert (video.bytes, video.sha256) == (first.bytes, first.sha256)
     assert not partial.exists()
     assert sim.stats["unsatisfiable_ranges"] == 1
