@@ -185,6 +185,30 @@ async def test_a_cut_download_resumes_with_range(tmp_path: Path, sim: Simulator)
     assert sim.stats["ranged_downloads"] == 1
 
 
+async def test_bytes_that_arrived_before_a_transfer_broke_off_are_kept_for_the_next_try(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A transfer cut off before a batch filled (here at half of a 300 kB video) leaves what
+    arrived in the partial file, so the next try asks only for the rest (Range) instead of
+    fetching the whole video again; the file is the server's bytes."""
+    sim.config = msgspec.structs.replace(sim.config, video_bytes=300_000, rate_truncate=1.0)
+    async with aiohttp.ClientSession() as session:
+        client = VeoClient(session, make_config(tmp_path, sim.base_url))
+        uri = await generated_uri(client)
+        partial, final = tmp_path / "c.part", tmp_path / "c.mp4"
+        with pytest.raises(DownloadError, match="broke off after 150000 bytes") as info:
+            await download_video(client, uri, partial, final, 0o640)
+        assert info.value.retryable
+        assert partial.stat().st_size == 150_000
+        sim.config = msgspec.structs.replace(sim.config, rate_truncate=0.0)
+        video = await download_video(client, uri, partial, final, 0o640)
+        plain = await client.open_download(uri)
+        served = await plain.read()
+        plain.release()
+    assert sim.stats["ranged_downloads"] == 1
+    assert final.read_bytes() == served and video.bytes == 300_000
+    assert video.sha256 == hashlib.sha256(served).hexdigest()
+
+
 @pytest.mark.parametrize("publish", [True, False])
 async def test_a_partial_file_holding_the_whole_video_is_published_as_it_is(
         tmp_path: Path, sim: Simulator, publish: bool) -> None:

@@ -89,13 +89,15 @@ async def download_video(
                         progress(file.received, expected)
             resp.release()  # the connection goes back to the pool before the last writes
             if expected is not None and file.received != expected:
-                await file.flush()  # kept for the next try to resume
+                await _keep(file, partial)
                 raise DownloadError(
                     f"The download ended at {file.received} of {expected} bytes.")
             await file.finish(final, publish=publish)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise DownloadError(f"The download broke off after {file.received} bytes "
-                                f"({type(e).__name__}).") from None
+            broke = DownloadError(f"The download broke off after {file.received} bytes "
+                                  f"({type(e).__name__}).")
+            await _keep(file, partial)  # what arrived, for the next try to resume from
+            raise broke from None
         except OSError as e:  # from writing the partial file
             _discard(partial)
             raise _write_error(partial, e) from None
@@ -104,6 +106,17 @@ async def download_video(
     finally:
         resp.release()
     return VideoFile(file=final.name, bytes=file.received, sha256=file.digest.hexdigest())
+
+
+async def _keep(file: _PartialFile, partial: Path) -> None:
+    """Write every byte received so far to the partial file, for the next try to resume
+    from (a batch still in memory would otherwise be fetched again: all of a video smaller
+    than a batch); a write error is the download's error instead."""
+    try:
+        await file.flush()
+    except OSError as e:
+        _discard(partial)
+        raise _write_error(partial, e) from None
 
 
 def _open_partial(partial: Path, flags: int, mode: int, parent_mode: int | None) -> int:
