@@ -2,9 +2,9 @@
 
 Videos stream into a hidden partial file, are checked (length, MP4 ``ftyp`` box) and hashed on
 the way, and appear under their public name only by rename, once their bytes are durable.
-The daemon leaves that last step to ``publish_videos``, which shares one flush of the
-filesystem among the videos whose downloads end together. Nothing here follows a symlink
-planted by someone else.
+That last step is ``publish_videos``, a video alone (``download_video``) or, in the
+daemon, every video whose download ended meanwhile, sharing one flush of the filesystem.
+Nothing here follows a symlink planted by someone else.
 """
 
 from __future__ import annotations
@@ -61,8 +61,23 @@ async def download_video(
     A partial file that holds the whole video already (a stop between its last write and its
     rename) is checked and published as it is. With ``parent_mode``, a missing partial
     directory is created with that mode. Without ``publish`` the checked file stays at
-    ``partial``, not yet flushed, for the caller's ``publish_videos``.
+    ``partial``, not yet flushed, for the caller's ``publish_videos`` (the daemon publishes
+    the videos whose downloads end together as one group).
     """
+    video = await _fetch(client, uri, partial, final, mode, progress=progress,
+                         parent_mode=parent_mode)
+    if publish:
+        error = (await blocking.run(publish_videos, [[Staged(partial, final)]]))[0]
+        if error is not None:
+            raise error
+    return video
+
+
+async def _fetch(
+    client: VeoClient, uri: str, partial: Path, final: Path, mode: int, *,
+    progress: Progress | None, parent_mode: int | None,
+) -> VideoFile:
+    """``download_video`` up to the publishing: the whole, checked video at ``partial``."""
     offset = _size(partial)
     resp = await client.open_download(uri, offset)
     try:
@@ -92,7 +107,7 @@ async def download_video(
                 await _keep(file, partial)
                 raise DownloadError(
                     f"The download ended at {file.received} of {expected} bytes.")
-            await file.finish(final, publish=publish)
+            await file.finish(final)
         except (aiohttp.ClientError, TimeoutError) as e:
             broke = DownloadError(f"The download broke off after {file.received} bytes "
                                   f"({type(e).__name__}).")
@@ -143,9 +158,9 @@ class _PartialFile:
     Chunks gather until ``BATCH_BYTES``; each batch is then hashed and written in a thread
     while the loop receives the next (both release the interpreter lock on large buffers),
     one batch at a time. The first batch's hop opens the file, and the last batch's write,
-    the checks and the close (and, unless the caller publishes it later, the fsync and the
-    rename) are one hop (``finish``): a small video costs a single hop, and nothing of a
-    download is opened, written, flushed or (once finished) closed on the loop (only the
+    the checks and the close are one hop (``finish``): a small video costs a single hop
+    before it is published (``publish_videos``), and nothing of a download is opened,
+    written, flushed or (once finished) closed on the loop (only the
     partial file's size is looked up there, before the request), so a stalled disk stalls
     that download alone. The wait for a batch is shielded: a cancelled download must not
     leave a thread writing to a closed file descriptor.
@@ -184,11 +199,11 @@ class _PartialFile:
             self._hand_on(self._store)
             await self._wait()
 
-    async def finish(self, final: Path, *, publish: bool) -> None:
-        """Write the last batch and check the file; with ``publish``, flush it and rename it
-        to ``final``."""
+    async def finish(self, final: Path) -> None:
+        """Write the last batch, check the file and close it (``final``: the name it will
+        be published under, for the error message)."""
         await self._wait()
-        self._hand_on(functools.partial(self._finish, final=final, publish=publish))
+        self._hand_on(functools.partial(self._finish, final=final))
         await self._wait()
 
     def _hand_on(self, store: Callable[[bytes], None]) -> None:
@@ -210,7 +225,7 @@ class _PartialFile:
         self.digest.update(data)
         write_all(self.fd, data)
 
-    def _finish(self, data: bytes, final: Path, publish: bool) -> None:
+    def _finish(self, data: bytes, final: Path) -> None:
         """The last hop (blocking): no fsync on the event loop. A failed write of the last
         batch raises OSError, as any batch's does (``download_video`` reports it)."""
         self._store(data)
@@ -222,14 +237,10 @@ class _PartialFile:
                 raise DownloadError(
                     "The downloaded file is not an MP4 video (no ftyp box at its start).")
             os.fchmod(fd, self.mode)
-            if publish:
-                os.fsync(fd)  # the bytes are on disk before the name is
-                os.replace(self.path, final)
-                fsync_dir(final.parent)
         except OSError as e:
             raise OutputError(f"Cannot publish {final.name}: {e.strerror}.") from None
         # Closed here too: on the loop, a syscall waits for the interpreter lock on its way
-        # back. The bytes and the name are durable already, so an error closing is moot.
+        # back. Every byte is written, so an error closing is moot (publishing flushes them).
         self.fd = None
         with contextlib.suppress(OSError):
             os.close(fd)
