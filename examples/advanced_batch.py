@@ -21,7 +21,7 @@ from reeldrop import (
     VideoRequest,
     VideoResponse,
 )
-from reeldrop.simulator import service_or_simulator
+from reeldrop.simulator_hosting import service_or_simulator
 
 REQUESTS = [
     VideoRequest(prompt="A lighthouse at dusk, waves breaking", output="lighthouse"),

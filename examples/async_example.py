@@ -6,7 +6,7 @@
 import asyncio
 
 from reeldrop import VeoVideoGenerator, VideoRequest
-from reeldrop.simulator import service_or_simulator
+from reeldrop.simulator_hosting import service_or_simulator
 
 
 async def main(settings: dict[str, object]) -> None:

@@ -6,7 +6,7 @@ Uses GEMINI_API_KEY if set; otherwise the embedded simulator (it says so).
 """
 
 from reeldrop import generate_video
-from reeldrop.simulator import service_or_simulator
+from reeldrop.simulator_hosting import service_or_simulator
 
 with service_or_simulator() as settings:
     path = generate_video(

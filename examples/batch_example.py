@@ -6,7 +6,7 @@
 import asyncio
 
 from reeldrop import generate_videos_batch
-from reeldrop.simulator import service_or_simulator
+from reeldrop.simulator_hosting import service_or_simulator
 
 PROMPTS = [
     "A paper boat drifting down a rain-soaked street, low angle",

@@ -21,7 +21,8 @@ from reeldrop import (
     generate_video,
     generate_videos_batch,
 )
-from reeldrop.simulator import SimConfig, Simulator, running_in_thread
+from reeldrop.simulator import SimConfig, Simulator
+from reeldrop.simulator_hosting import running_in_thread
 
 from .support import TEST_KEY, playable_frames
 

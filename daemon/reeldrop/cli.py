@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import msgspec
 
@@ -177,23 +176,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg, reload_config=load)
     code = daemon.run()
     if daemon.restart:
-        _start_again()
+        from .runtime import start_again
+
+        start_again()
     return code
-
-
-def _start_again() -> NoReturn:
-    """SIGHUP's second half: the daemon stopped cleanly, and this process becomes a new one
-    with the same command line (same PID: systemd and the sd_notify socket keep it, and it
-    reads the configuration afresh)."""
-    sys.stdout.flush()  # exec drops what is still buffered
-    sys.stderr.flush()
-    # S606: no shell is wanted; it is our own interpreter and our own command line.
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from . import log
-    from .simulator import SimConfig, serve_forever
+    from .simulator import SimConfig
+    from .simulator_hosting import serve_forever
 
     names = [f.name for f in msgspec.structs.fields(SimConfig)]
     try:
@@ -214,11 +206,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .intake import check_job_file
+
     cfg = config_mod.load(args.config)
     bad = 0
     for path in args.files:
         try:
-            members = _check_file(path, cfg)
+            members = check_job_file(path, cfg)
         except InvalidJob as e:
             bad += 1
             print(f"invalid  {path}: {e.message}")
@@ -330,14 +324,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
     for name in moved:
         print(f"retrying {name}")
     return 0
-
-
-def _check_file(path: Path, cfg: config_mod.Config) -> list[jobs.Member]:
-    from .intake import read_job_file
-
-    if path.is_dir() or not jobs.is_job_name(path.name):
-        raise InvalidJob(f"{path.name} is not a job file (NAME.prompt or NAME.json).")
-    return jobs.parse(path.name, read_job_file(path, cfg.max_job_bytes), cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

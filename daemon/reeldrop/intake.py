@@ -29,6 +29,13 @@ BATCH_SYNC_FROM = 16  # from this many files on, one syncfs replaces the per-fil
 LISTED_ENTRIES_PER_FILE = 50  # list the outbox for a batch while it has at most this many a file
 
 
+def check_job_file(path: Path, config: Config) -> list[jobs.Member]:
+    """The jobs a file would give the daemon (``reeldrop validate``), or InvalidJob."""
+    if path.is_dir() or not jobs.is_job_name(path.name):
+        raise InvalidJob(f"{path.name} is not a job file (NAME.prompt or NAME.json).")
+    return jobs.parse(path.name, read_job_file(path, config.max_job_bytes), config)
+
+
 def read_job_file(path: str | Path, max_bytes: int, name: str | None = None) -> bytes:
     """The file's bytes, refusing links, non-regular files and files over ``max_bytes``.
 

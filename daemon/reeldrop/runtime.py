@@ -1,15 +1,18 @@
-"""The process around the event loop: the garbage collector's settings and the loop itself.
+"""The process around the event loop: the garbage collector's settings, the loop itself, and
+the process's new start after a reload (SIGHUP).
 
-Both are chosen once, before the loop starts (``Daemon.run``); tests drive ``serve()``
-directly and keep their own.
+The first two are chosen once, before the loop starts (``Daemon.run``); tests drive
+``serve()`` directly and keep their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .errors import ConfigError
 
@@ -45,3 +48,13 @@ def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, T]], T]:
         else:
             return uvloop.run
     return asyncio.run
+
+
+def start_again() -> NoReturn:
+    """SIGHUP's second half: the daemon stopped cleanly, and this process becomes a new one
+    with the same command line (same PID: systemd and the sd_notify socket keep it, and it
+    reads the configuration afresh)."""
+    sys.stdout.flush()  # exec drops what is still buffered
+    sys.stderr.flush()
+    # S606: no shell is wanted; it is our own interpreter and our own command line.
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
