@@ -21,6 +21,31 @@ from .support import REELDROP, drop, finished, make_config, running, sidecars, u
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_a_console_traceback_shows_no_key_neither_in_locals_nor_wrapped_across_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On the console (``reeldrop generate``, a library user's terminal) a logged exception
+    is plain text: no frame's locals (a request's headers hold the key) and no wrapping at
+    the terminal's width, which split a key in a long message across two lines, past the
+    redaction. (rich's tracebacks, structlog's default where rich is installed, did both.)"""
+    key = "AIzaSyD" + "q" * 32
+
+    def call() -> None:
+        headers = {"x-goog-api-key": key}
+        raise RuntimeError(f"could not reach {'h' * 55}?key={key} ({len(headers)} headers)")
+
+    log.configure("console", "error", [key])
+    try:
+        call()
+    except RuntimeError:
+        log.get().exception("job.internal_error")
+    out = capsys.readouterr().out
+    assert "RuntimeError: could not reach" in out and "?key=[redacted] (1 headers)" in out
+    assert "qqqq" not in out  # not even part of the key
+    assert "{'x-goog-api-key'" not in out  # no locals (the repr of the headers dict)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_no_log_line_carries_the_key_or_anything_shaped_like_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -87,10 +87,14 @@ def configure(
 ) -> None:
     """Set up structlog and route the stdlib's logging through it. Call once, at start-up."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    # Console tracebacks as plain text: rich's (structlog's default where rich is installed)
+    # show every frame's locals, a request's headers among them, and wrap long lines at the
+    # terminal's width, so a key split across two lines escaped the redaction.
     renderer: Any = (
         render_json
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty(),
+                                           exception_formatter=structlog.dev.plain_traceback)
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
