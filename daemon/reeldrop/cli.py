@@ -162,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     from . import log
     from .daemon import Daemon
+    from .runtime import start_again
 
     names = [n for n, _ in config_mod.setting_names()]
 
@@ -176,8 +177,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg, reload_config=load)
     code = daemon.run()
     if daemon.restart:
-        from .runtime import start_again
-
         start_again()
     return code
 
