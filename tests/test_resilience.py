@@ -518,3 +518,64 @@ async def test_a_stop_that_races_an_inbox_wake_up_still_stops(
             daemon.handle_exit(signal.SIGTERM)
             task.cancel()
         assert done, f"the daemon hung on a stop {ticks} loop steps after a wake-up"
+
+
+async def test_an_operation_the_service_no_longer_knows_fails_the_job_and_is_not_paid_again(
+        tmp_path: Path) -> None:
+    """A daemon back after longer than the service keeps operations (2 days) finds its
+    operation gone: the poll's 404 fails the job with that reason and the operation's name,
+    at once (not retried, not submitted again: a second create would be a second bill), and
+    the job file is kept in failed/. (A fresh simulator stands in for the service that
+    forgot: it has never heard of the operation.)"""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    before = Simulator(SimConfig(latency_s=60, latency_jitter_s=0, seed=1))
+    await before.start()
+    try:
+        async with running(make_config(tmp_path, before.base_url)):
+            drop(inbox, "forgotten.prompt", "a prompt from before the break")
+            await until(lambda: sidecars(outbox).get("forgotten") is not None
+                        and sidecars(outbox)["forgotten"].state == "generating")
+    finally:
+        await before.stop()
+    operation = sidecars(outbox)["forgotten"].operation
+    assert operation is not None
+    after = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0, seed=2))
+    await after.start()
+    try:
+        async with running(make_config(tmp_path, after.base_url)):
+            await until(finished(outbox, 1))
+    finally:
+        await after.stop()
+    doc = sidecars(outbox)["forgotten"]
+    assert doc.state == "failed" and doc.error is not None
+    assert doc.error.type == "GenerationFailed" and not doc.error.retryable
+    assert "no longer knows operation" in doc.error.message and operation in doc.error.message
+    assert after.stats["submissions"] == 0 and after.stats["polls"] == 1
+    assert kept(inbox / ".reeldrop" / "failed")["forgotten.prompt"].read_bytes() == (
+        b"a prompt from before the break")
+
+
+async def test_the_create_budget_holds_across_restarts(tmp_path: Path) -> None:
+    """Tries spent before a stop count after it: a job stopped while its create calls were
+    being refused (429) is not tried again by a daemon whose ``create_tries`` those tries
+    already spent; it fails with the count. A daemon restarted in a crash loop never
+    retries a job forever."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    sim = Simulator(SimConfig(latency_s=0.05, latency_jitter_s=0, seed=1, rate_429=1.0,
+                              retry_delay_s=0.01))
+    await sim.start()
+    try:
+        config = make_config(tmp_path, sim.base_url, create_tries=50, retry_base_s=0.1,
+                             retry_cap_s=0.1)
+        async with running(config):
+            drop(inbox, "refused.prompt", "a prompt the quota refuses")
+            await until(lambda: sim.stats["fault_429"] >= 3)
+        refused = sim.stats["fault_429"]
+        async with running(make_config(tmp_path, sim.base_url, create_tries=3)):
+            await until(finished(outbox, 1))
+    finally:
+        await sim.stop()
+    doc = sidecars(outbox)["refused"]
+    assert doc.state == "failed" and doc.error is not None and doc.attempts >= 3
+    assert f"Gave up after {doc.attempts} create attempts" in doc.error.message
+    assert sim.stats["fault_429"] == refused  # nothing sent after the restart
