@@ -16,7 +16,9 @@ from aiohttp.test_utils import TestServer
 
 from reeldrop import writer
 from reeldrop.errors import APIError, DownloadError, GenerationFailed
+from reeldrop.generation import Generation
 from reeldrop.jobs import Member
+from reeldrop.scheduler import SubmitGate
 from reeldrop.sidecar import VideoFile
 from reeldrop.simulator import Simulator
 from reeldrop.veo import (
@@ -100,6 +102,34 @@ async def test_http_errors_carry_status_message_and_retryability(
     assert not info.value.retryable
     assert "API key not valid" in info.value.message
     assert "wrong-key" not in info.value.message
+
+
+async def test_a_create_answer_without_an_operation_name_is_not_sent_again(
+        tmp_path: Path) -> None:
+    """A 200 to the create call whose body names no operation (a proxy's page, a changed
+    format) fails the job with that sentence and is not retried: the service may have
+    started a video we cannot name, and a second create call could pay for it twice."""
+    calls = 0
+
+    async def create(_request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.json_response({"unexpected": True})
+
+    api = TestServer(web.Application())
+    api.app.router.add_post("/v1beta/models/{model_action}", create)
+    await api.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            config = make_config(tmp_path, str(api.make_url("/v1beta")))
+            generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+            with pytest.raises(APIError) as info:
+                await generation.create(MEMBER, tries=5)
+    finally:
+        await api.close()
+    assert calls == 1
+    assert info.value.status == 200 and not info.value.retryable
+    assert info.value.message == "The service's answer to the create call had no operation name."
 
 
 @contextlib.asynccontextmanager
