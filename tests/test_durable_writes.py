@@ -19,6 +19,7 @@ from reeldrop.files import GROUP_SYNC_FROM, syncfs
 from reeldrop.intake import Intake
 from reeldrop.sidecar import Sidecar, VideoFile, read_last
 from reeldrop.spool import JobRun, Spool
+from reeldrop.spool_files import job_file, record_name
 from reeldrop.writer import Staged, publish_videos
 
 from .support import drop, make_config, sidecars
@@ -117,6 +118,37 @@ def test_a_member_whose_sidecar_cannot_be_written_fails_alone(tmp_path: Path) ->
     assert [isinstance(o, Path) for o in outcomes] == [True, False, True, True]
     assert sorted(os.listdir(spool.jobs)) == sorted(
         [f"{runs['b.prompt'].job_id}.b.prompt", f"{runs['b.prompt'].job_id}.member-0001.jsonl"])
+
+
+@pytest.mark.parametrize("step", ["record", "batch file", "archive"])
+def test_a_member_whose_record_batch_file_or_archive_cannot_be_written_fails_alone(
+        tmp_path: Path, step: str) -> None:
+    """In a group, a job whose record line, batch file (``STEM.batch.json``) or move out of
+    jobs/ fails (each name taken by a directory here) gets that step's error as its outcome
+    and stays claimed, for a restart to take up again; the group's other jobs are stored and
+    archived as usual."""
+    _, spool, runs = spool_with(tmp_path, {"a.prompt": "a", "b.prompt": "b", "c.prompt": "c",
+                                           "d.json": '[{"prompt": "d1"}, {"prompt": "d2"}]'})
+    d = runs["d.json"]
+    if step == "record":
+        record = Path(d.path(record_name(2)))
+        record.unlink()
+        record.mkdir()
+    elif step == "batch file":
+        (spool.outbox / "d.batch.json").mkdir()
+    else:
+        (Path(job_file(spool.done, d.job_id, d.source)) / "x").mkdir(parents=True)
+    finals = [(run, succeeded(member)) for run in runs.values() for member in run.members]
+    outcomes = write_group(spool, finals)
+    expected = {"record": f"Cannot record the job's state in {spool.jobs}: Is a directory.",
+                "batch file": f"Cannot write the batch file into {spool.outbox}: Is a directory.",
+                "archive": f"Cannot archive the job {d.job_id}: Is a directory."}[step]
+    errors = [o for o in outcomes if isinstance(o, OutputError)]
+    assert [e.message for e in errors] == [expected]
+    assert [isinstance(o, Path) for o in outcomes[:3]] == [True, True, True]  # a, b, c
+    assert d.source in {name.split(".", 1)[1] for name in os.listdir(spool.jobs)}
+    assert {name.split(".", 1)[1] for name in os.listdir(spool.done)} >= {
+        "a.prompt", "b.prompt", "c.prompt"}
 
 
 def test_a_failed_flush_fails_the_whole_group_and_archives_nothing(
