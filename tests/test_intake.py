@@ -117,6 +117,25 @@ async def test_a_symlink_is_refused_not_followed(tmp_path: Path, sim: Simulator)
     assert sim.stats["submissions"] == 0
 
 
+async def test_a_named_pipe_is_refused_without_blocking_the_daemon(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A FIFO named like a job fails with "not a regular file" instead of hanging the
+    intake on an open or read that waits for a writer, and is kept in failed/; a good job
+    dropped after it still succeeds."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.mkfifo(inbox / "pipe.prompt")
+    async with running(make_config(tmp_path, sim.base_url)):
+        drop(inbox, "good.prompt", "a good prompt")
+        await until(finished(tmp_path / "outbox", 2))
+    docs = sidecars(tmp_path / "outbox")
+    assert docs["good"].state == "succeeded"
+    assert docs["pipe"].state == "failed" and docs["pipe"].error is not None
+    assert docs["pipe"].error.message == "pipe.prompt is not a regular file."
+    assert "pipe.prompt" in kept(inbox / ".reeldrop" / "failed")
+    assert sim.stats["submissions"] == 1
+
+
 async def test_a_burst_of_files_is_taken_completely(tmp_path: Path, sim: Simulator) -> None:
     """1,000 files renamed in at once while the daemon runs: every one is claimed, once."""
     async with running(make_config(tmp_path, sim.base_url, concurrency=50)):
