@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from reeldrop.config import Secret, load
 from reeldrop.errors import ConfigError
 
-from .support import REELDROP, playable_frames
+from .support import REELDROP, daemon_args, playable_frames
 
 
 def test_demo_turns_the_examples_into_playable_videos(tmp_path: Path) -> None:
@@ -50,6 +51,26 @@ def test_settings_come_from_file_then_environment_then_flags(tmp_path: Path) -> 
     assert config.poll_max_s == 7.0
     assert config.model == "veo-3.1-fast-generate-preview"
     assert config.file_mode == 0o660
+
+
+def test_a_state_dir_on_another_filesystem_than_the_inbox_stops_the_start(
+        tmp_path: Path) -> None:
+    """Claims are renames from the inbox into the state directory, atomic only within one
+    filesystem: `reeldrop run` refuses a state directory elsewhere at start (exit 2, the
+    reason and the remedy on stderr) rather than copying files later."""
+    elsewhere = Path("/dev/shm")
+    if not elsewhere.is_dir() or elsewhere.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second filesystem at /dev/shm")
+    state = elsewhere / f"reeldrop-test-{tmp_path.name}"
+    try:
+        done = subprocess.run(
+            [*daemon_args(tmp_path, "http://127.0.0.1:9/v1beta"), "--state-dir", str(state)],
+            capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert (f"reeldrop: The state directory {state} is not on the inbox's filesystem; claims "
+            "must be atomic renames. Put it inside or beside the inbox.") in done.stderr
 
 
 @pytest.mark.parametrize(("text", "needle"), [
