@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import resource
@@ -233,6 +234,31 @@ def test_a_torn_record_line_is_cut_and_the_last_whole_state_counts(tmp_path: Pat
     assert record.read_bytes().endswith(b"}\n") and record.read_bytes().count(b"\n") == 2
     spool.record(runs[0], recovered.moved("failed"))
     assert [m.state for m in spool.recover()[0].members] == ["failed"]
+
+
+def test_a_record_line_a_write_error_cuts_short_is_taken_back(tmp_path: Path) -> None:
+    """A write error partway through a record line (a real EFBIG past RLIMIT_FSIZE, the way
+    a full disk stops a write) leaves the record as it was: the part of the line already
+    written is cut off and the error reaches the caller, so the next append starts a clean
+    line and the last state on disk is still the one before."""
+    config, spool, run, member = claimed_job(tmp_path, "one.prompt")
+    spool.record(run, member.moved("submitting", attempts=1), durable=False)
+    record = Path(run.path("member-0001.jsonl"))
+    before = record.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 10, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            spool.append(run, run.members[0].moved("generating", operation="models/m/op"),
+                         durable=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert info.value.errno == errno.EFBIG
+    assert record.read_bytes() == before
+    spool.record(run, run.members[0].moved("failed"), durable=False)
+    assert [m.state for m in restarted_spool(config).recover()[0].members] == ["failed"]
 
 
 def test_a_job_file_named_like_a_record_is_still_the_job(tmp_path: Path) -> None:
