@@ -224,33 +224,36 @@ async def test_a_called_in_operation_still_running_waits_its_own_time_before_the
     assert sim.ops[ops[0]].polls == 2  # its first look, and one call-in
 
 
-@pytest.mark.parametrize(("siblings_done_at_s", "follow", "back_within_2s"), [
-    (10.6, True, True),  # its siblings' done age, after it finished: found done there
-    (10.6, False, False),  # poll_siblings off: it waits its own next look (5 s)
-    (10.2, True, False),  # too soon: one extra look finds it running, then its own time
+@pytest.mark.parametrize(("done_at_s", "siblings", "back_within_2s", "polls"), [
+    (10.6, True, True, 2),  # its kind's usual done age, after it finished: found done there
+    (10.6, False, True, 2),  # the same without poll_siblings: what was learned, not a call-in
+    (10.2, True, False, 2),  # too soon: one extra look finds it running, then its own time
+    (None, True, False, 1),  # nothing learned: it waits its own next look (5 s)
 ])
-async def test_a_younger_operation_looks_again_at_the_age_its_siblings_were_found_done(
-        tmp_path: Path, sim: Simulator, siblings_done_at_s: float, follow: bool,
-        back_within_2s: bool) -> None:
+async def test_an_operation_looks_again_at_the_age_its_kind_was_lately_found_done(
+        tmp_path: Path, sim: Simulator, done_at_s: float | None, siblings: bool,
+        back_within_2s: bool, polls: int) -> None:
     """An operation of 10 s found running would next be looked at 5 s later (poll_fraction
-    0.5). Its older siblings were lately found done at a little over its own time: it looks
-    once more at that age and is back at once; with poll_siblings off, or when that age comes
-    before it is done, it waits its own next look, and a look at the siblings' age costs one
-    poll at most."""
-    config = long_intervals(tmp_path, sim, poll_siblings=follow)
+    0.5). The last ones of its kind were found done at a little over its own time: it looks
+    once more at that age and is back at once, with or without ``poll_siblings`` (jobs
+    dropped one at a time have no siblings waiting, and the look needs none). When that age
+    comes before it is done, or nothing was learned, it waits its own next look, and a look
+    at the usual age costs one poll at most."""
+    config = long_intervals(tmp_path, sim, poll_siblings=siblings)
     kind = kind_of(config.model, {})
     async with aiohttp.ClientSession() as session:
         generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
-        for _ in range(3):
-            generation.siblings.finished(kind, time.monotonic() - 100.0,
-                                         age_s=siblings_done_at_s)
+        for _ in range(3 if done_at_s is not None else 0):
+            # (an estimate far below 10 s: the first look is not put off past it)
+            generation.first_look.finished(kind, running_at_s=0.0, done_at_s=done_at_s or 0.0,
+                                           interval_s=0.05)
         op = await generation.create(Member(prompt="young [latency=0.5]", model=config.model,
                                             parameters={}, output="young"))
         waiting = asyncio.create_task(generation.wait(op, age_s=10.0, kind=kind))
         done, _ = await asyncio.wait([waiting], timeout=2.0)
         waiting.cancel()
     assert bool(done) is back_within_2s
-    assert sim.ops[op].polls == (2 if follow else 1)
+    assert sim.ops[op].polls == polls
 
 
 @pytest.mark.parametrize("skips", [3, 0])
@@ -336,10 +339,9 @@ class RecordingSiblings(Siblings):
         super().__init__()
         self.reaches: list[float] = []
 
-    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0, *,
-                 age_s: float | None = None) -> int:
+    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0) -> int:
         self.reaches.append(reach_s)
-        return super().finished(kind, born, reach_s, age_s=age_s)
+        return super().finished(kind, born, reach_s)
 
 
 async def test_only_the_first_finish_of_a_cold_kind_reaches_forward(

@@ -83,11 +83,11 @@ class Generation:
         ``age_s`` is the operation's age as the wait begins (it may predate this process);
         by default it is counted from this call. ``kind``
         (``polling.kind_of``) lets the first look come when operations like this one
-        usually finish, and (``poll_siblings``) lets a younger operation of the kind found
-        done call this one in early (``polling.Siblings``), lets this one look once at the
-        age at which the last ones of its kind were found done (``done_age_s``), and
-        while the kind is cold, lets an older one just seen running stand in for some of this
-        one's looks (``poll_cold_skips``).
+        usually finish, and lets this one look once at the age at which the last ones of its
+        kind were found done (``FirstLook.done_age_s``); with ``poll_siblings`` it also lets a
+        younger operation of the kind found done call this one in early
+        (``polling.Siblings``), and while the kind is cold, lets an older one just seen
+        running stand in for some of this one's looks (``poll_cold_skips``).
         """
         born = time.monotonic() - age_s  # when the operation started, on this clock
 
@@ -96,7 +96,7 @@ class Generation:
 
         siblings = self.config.poll_siblings and kind is not None
         called_in = False  # the last wait was cut short by a sibling found done
-        followed = False  # it took its one look at a sibling's done age (done_age_s)
+        followed = False  # it took its one look at its kind's usual done age (done_age_s)
 
         async def sleep(seconds: float) -> None:
             nonlocal called_in
@@ -128,7 +128,7 @@ class Generation:
                         # and on a cold kind the younger ones it stood in for (cold skips)
                         since = running_at or 0.0
                         reach = min(looked_at - since, interval) / 2 if cold else 0.0
-                        self.siblings.finished(kind, born, reach, age_s=looked_at)
+                        self.siblings.finished(kind, born, reach)
                     return video_uris(op)
                 running_at = looked_at
                 if siblings:
@@ -145,8 +145,8 @@ class Generation:
             # round) skip ahead to it as soon as it is.
             wait = max(poll_delay(elapsed, self.config),
                        self.first_look.wait_s(kind, self.config) - elapsed)
-            if siblings and not followed:  # once: where older siblings were found done
-                usual = self.siblings.done_age_s(kind)
+            if kind is not None and not followed:  # once: where the last ones were found done
+                usual = self.first_look.done_age_s(kind)
                 if usual is not None and elapsed < usual < elapsed + wait:
                     wait, followed = usual - elapsed, True
             await sleep(min(wait, deadline_s - elapsed + 0.01))

@@ -10,13 +10,14 @@ That rule alone costs about ``ln(T / poll_initial_s) / poll_fraction`` polls for
 duration) take similar times, so the first look at a new one is put off to the time by which
 nearly every recent one of its kind was still running (see ``FirstLook``).
 
-The same likeness cuts the lag: an operation found done calls in every older one of its
-kind that is waiting for its next look (``Siblings``), and the first of a cold kind also the
-slightly younger ones. Those have run about as long as it needed or longer, so most are done
-too; a batch of jobs is then noticed at the first look that finds any of them done, not each
-at its own next look. The younger ones, which nobody calls in, look once more at the age at
-which the last ones of their kind were found done (their median), if that comes before
-their own next look: the youngest of a batch are then noticed about as soon as the oldest.
+The same likeness cuts the lag. An operation found running looks once more at the age at
+which the last ones of its kind were found done (their median), if that comes before its own
+next look (``FirstLook.done_age_s``): a job is then noticed about as soon after it finishes
+as the last ones were, not up to an interval late. And an operation found done calls in every
+older one of its kind that is waiting for its next look (``Siblings``), and the first of a
+cold kind also the slightly younger ones. Those have run about as long as it needed or
+longer, so most are done too; a batch of jobs is then noticed at the first look that finds
+any of them done, not each at its own next look.
 
 Likeness also works the other way while a kind is still cold (nothing learned yet): an older
 operation just seen running says the younger ones are most likely running too. A younger one
@@ -80,9 +81,11 @@ class FirstLook:
 
     WINDOW = 32
     QUANTILE = 0.1
+    FOLLOW_FROM = 8  # how many of a kind's last done ages ``done_age_s`` takes the median of
 
     def __init__(self) -> None:
         self._times: dict[Hashable, collections.deque[float]] = {}
+        self._done_ages: dict[Hashable, collections.deque[float]] = {}  # not saved: a cache
         self.changed = False  # since the last dump()
 
     def dump(self) -> bytes:
@@ -118,7 +121,26 @@ class FirstLook:
         since = done_at_s - interval_s if running_at_s is None else running_at_s
         estimate = max(0.0, (since + done_at_s) / 2)
         self._times.setdefault(kind, collections.deque(maxlen=self.WINDOW)).append(estimate)
+        self._done_ages.setdefault(
+            kind, collections.deque(maxlen=self.FOLLOW_FROM)).append(done_at_s)
         self.changed = True
+
+    def done_age_s(self, kind: Hashable) -> float | None:
+        """The median age at which the last ``FOLLOW_FROM`` operations of ``kind`` were found
+        done. An operation still running short of that age looks again at it, once
+        (``Generation.wait``). Its first look comes a little before its kind's usual time
+        (``wait_s``), so where jobs of a kind all take about as long, that look finds it
+        running and its next one, an interval on, would notice it half an interval to an
+        interval late; and the youngest of a batch that finishes together have no younger
+        sibling to call them in.
+
+        Each of those ages is at most an interval late, each on its own grid of looks, so
+        together they pin a kind's time down better than one operation's looks do. The
+        median, not the lowest: ages count from when the daemon learned an operation's name,
+        a little late under load, so the lowest is too soon for most and costs them a look;
+        where times vary, about half are done at the median."""
+        ages = self._done_ages.get(kind)
+        return sorted(ages)[len(ages) // 2] if ages else None
 
     def knows(self, kind: Hashable) -> bool:
         """Whether anything was learned about ``kind`` (else it is cold)."""
@@ -171,22 +193,18 @@ class Siblings:
     next look before it can be called in again, so call-ins at most double its polls.
 
     It also keeps, per kind, the oldest operation lately seen running (the lead), which
-    vouches for the younger ones while the kind is cold (``vouched``), and the ages at which
-    the last ones were found done, which the younger ones follow (``done_age_s``).
+    vouches for the younger ones while the kind is cold (``vouched``).
 
     The waiting ones of a kind are kept in the order they started, so that a finish calls in
     the ones it reaches without walking the others (with a job in every slot, each finish
     walked every waiting job).
     """
 
-    FOLLOW_FROM = 8  # how many of a kind's last done ages a younger operation follows
-
     def __init__(self) -> None:
         # kind: (born, a tie-breaker, the waiter), sorted: the oldest first
         self._waiting: dict[Hashable, list[tuple[float, int, asyncio.Future[bool]]]] = {}
         self._order = itertools.count()
         self._lead: dict[Hashable, tuple[float, float]] = {}  # kind: (born, seen running at)
-        self._done_ages: dict[Hashable, collections.deque[float]] = {}
 
     async def sleep(self, kind: Hashable, born: float, seconds: float) -> bool:
         """Wait ``seconds``, or less if an operation of ``kind`` younger than this one
@@ -208,11 +226,10 @@ class Siblings:
             if not waiting:
                 del self._waiting[kind]
 
-    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0, *,
-                 age_s: float | None = None) -> int:
-        """An operation of ``kind`` started at ``born`` was found done (at ``age_s``, if
-        given): call in the waiting ones that started before it, or at most ``reach_s`` after
-        it. Returns how many were called in.
+    def finished(self, kind: Hashable, born: float, reach_s: float = 0.0) -> int:
+        """An operation of ``kind`` started at ``born`` was found done: call in the waiting
+        ones that started before it, or at most ``reach_s`` after it. Returns how many were
+        called in.
 
         The caller passes half the time between its last look that found it running and the
         one that found it done (that gap at most one poll interval): a sibling younger by less
@@ -221,28 +238,11 @@ class Siblings:
         once, not each at its own look). Half, and only for the first of a cold kind (the
         younger ones skipped looks on its word), because one called in too early loses a
         poll and cannot be called in again before its own next look."""
-        if age_s is not None:
-            self._done_ages.setdefault(
-                kind, collections.deque(maxlen=self.FOLLOW_FROM)).append(age_s)
         waiting = self._waiting.get(kind, [])
         reached = bisect.bisect_right(waiting, (born + reach_s, float("inf")))
         for _, _, future in waiting[:reached]:
             _wake(future, True)
         return reached
-
-    def done_age_s(self, kind: Hashable) -> float | None:
-        """The median age at which the last ``FOLLOW_FROM`` operations of ``kind`` were found
-        done. An operation still running short of that age looks again at it, once
-        (``Generation.wait``): the youngest of a batch that finishes together have no younger
-        sibling to call them in, and were noticed up to an interval late.
-
-        Each of those ages is at most an interval late, each on its own grid of looks, so
-        together they pin a kind's time down better than one operation's looks do. The
-        median, not the lowest: ages count from when the daemon learned an operation's name,
-        a little late under load, so the lowest is too soon for most and costs them a look;
-        where times vary, about half are done at the median."""
-        ages = self._done_ages.get(kind)
-        return sorted(ages)[len(ages) // 2] if ages else None
 
     def seen_running(self, kind: Hashable, born: float, interval_s: float) -> None:
         """An operation of ``kind`` started at ``born`` was just seen running. It becomes the
