@@ -35,7 +35,16 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's bytes through a descriptor of its own (the writer's may be closed)."""
+    _fsync_path(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _fsync_path(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

@@ -23,7 +23,7 @@ import aiohttp
 
 from . import blocking
 from .errors import DownloadError, OutputError
-from .files import GROUP_SYNC_FROM, fsync_dir, syncfs, write_all
+from .files import GROUP_SYNC_FROM, fsync_dir, fsync_file, syncfs, write_all
 from .sidecar import VideoFile
 from .veo import VeoClient
 
@@ -226,7 +226,8 @@ class _PartialFile:
         write_all(self.fd, data)
 
     def _finish(self, data: bytes, final: Path) -> None:
-        """The last hop (blocking): no fsync on the event loop. A failed write of the last
+        """The last hop (blocking): the last write, the checks and the close, off the event
+        loop; the flush is the publishing's (``publish_videos``). A failed write of the last
         batch raises OSError, as any batch's does (``download_video`` reports it)."""
         self._store(data)
         fd = self.fd
@@ -288,7 +289,7 @@ def publish_videos(videos: list[list[Staged]]) -> list[OutputError | None]:
         for i, staged in enumerate(videos):
             try:
                 for video in staged:
-                    _flush_file(video.partial)
+                    fsync_file(video.partial)
                     os.replace(video.partial, video.final)
                     fsync_dir(video.final.parent)
             except OSError as e:
@@ -310,14 +311,6 @@ def publish_videos(videos: list[list[Staged]]) -> list[OutputError | None]:
         error = OutputError(f"Cannot make the videos durable: {e.strerror}.")
         return [outcome or error for outcome in outcomes]
     return outcomes
-
-
-def _flush_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _publish_error(video: Staged, e: OSError) -> OutputError:
