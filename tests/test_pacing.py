@@ -54,6 +54,36 @@ def test_the_first_look_is_learned_per_kind_and_pulled_earlier_by_fast_jobs(
     assert min(looks(slow)) >= 19.4 - 1.2 * 1.1 / 2 and max(looks(slow)) <= 19.4
 
 
+def test_the_look_again_comes_just_after_a_kinds_time_when_its_times_are_alike(
+        tmp_path: Path) -> None:
+    """Jobs of one length (about 15 s) bracket their time: the first three were found running
+    at 14.2-14.4 s and done a second later. A running one then looks again in the middle of
+    that gap (14.8 s) and at the lowest done age (15.2 s), not at the median (15.3 s): the gap
+    is over half an interval. Two found done at 14.8 s narrow it to 0.4 s: the look comes at
+    the second-lowest done age alone, 14.8 s. Where times vary (some found running after
+    others were found done) it is the median done age; with no running age known (all done
+    at their first look), the median too."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta", poll_min_s=1.0,
+                         poll_max_s=20.0, poll_fraction=0.06)
+    first = FirstLook()
+    alike, varied, unbracketed = (kind_of("veo", {"resolution": r}) for r in "abc")
+    for running_at in (14.3, 14.4, 14.2):
+        first.finished(alike, running_at_s=running_at, done_at_s=running_at + 1,
+                       interval_s=1.0)
+        first.finished(unbracketed, running_at_s=None, done_at_s=running_at + 1,
+                       interval_s=1.0)
+    assert first.follow_s(alike, config) == pytest.approx((14.8, 15.2))
+    assert first.follow_s(unbracketed, config) == pytest.approx((15.3,))
+    for _ in range(2):
+        first.finished(alike, running_at_s=14.4, done_at_s=14.8, interval_s=1.0)
+    assert first.follow_s(alike, config) == pytest.approx((14.8,))
+    for running_at in (9.0, 29.0, 11.0, 19.0, 24.0, 14.0):  # done a second after each
+        first.finished(varied, running_at_s=running_at, done_at_s=running_at + 1,
+                       interval_s=1.0)
+    assert first.follow_s(varied, config) == (20.0,)  # of 10, 12, 15, 20, 25, 30
+    assert first.follow_s(kind_of("veo", {"resolution": "d"}), config) == ()
+
+
 @pytest.fixture
 def sim_config() -> SimConfig:
     return SimConfig(latency_s=1.0, latency_jitter_s=0.0, seed=4)

@@ -83,8 +83,8 @@ class Generation:
         ``age_s`` is the operation's age as the wait begins (it may predate this process);
         by default it is counted from this call. ``kind``
         (``polling.kind_of``) lets the first look come when operations like this one
-        usually finish, and lets this one look once at the age at which the last ones of its
-        kind were found done (``FirstLook.done_age_s``); with ``poll_siblings`` it also lets a
+        usually finish, and lets this one look again, at most twice, where the last ones of
+        its kind finished (``FirstLook.follow_s``); with ``poll_siblings`` it also lets a
         younger operation of the kind found done call this one in early
         (``polling.Siblings``), and while the kind is cold, lets an older one just seen
         running stand in for some of this one's looks (``poll_cold_skips``).
@@ -96,7 +96,7 @@ class Generation:
 
         siblings = self.config.poll_siblings and kind is not None
         called_in = False  # the last wait was cut short by a sibling found done
-        followed = False  # it took its one look at its kind's usual done age (done_age_s)
+        follows = 0  # looks taken where the last ones finished (follow_s)
 
         async def sleep(seconds: float) -> None:
             nonlocal called_in
@@ -145,10 +145,11 @@ class Generation:
             # round) skip ahead to it as soon as it is.
             wait = max(poll_delay(elapsed, self.config),
                        self.first_look.wait_s(kind, self.config) - elapsed)
-            if kind is not None and not followed:  # once: where the last ones were found done
-                usual = self.first_look.done_age_s(kind)
-                if usual is not None and elapsed < usual < elapsed + wait:
-                    wait, followed = usual - elapsed, True
+            if kind is not None and follows < FirstLook.FOLLOWS:  # where the last ones finished
+                for usual in self.first_look.follow_s(kind, self.config):
+                    if elapsed < usual < elapsed + wait:
+                        wait, follows = usual - elapsed, follows + 1
+                        break
             await sleep(min(wait, deadline_s - elapsed + 0.01))
 
     async def _look(self, operation: str) -> Operation:
