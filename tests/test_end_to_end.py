@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import structlog
 
 from reeldrop import durable_writes
 from reeldrop.demo import examples_dir
@@ -360,6 +361,33 @@ async def test_the_sidecar_shows_every_state_in_order(tmp_path: Path) -> None:
     order = ["queued", "submitting", "generating", "downloading", "succeeded"]
     assert seen["second"] == order
     assert seen["first"] in (order, order[1:])  # its queued state may last no time at all
+
+
+async def test_a_passing_states_failed_write_is_logged_and_the_job_goes_on(
+        tmp_path: Path) -> None:
+    """The submitting state's sidecar cannot be written (a directory stands at its name
+    while the create call is out): the failure is a warning in the log with the reason, not
+    the job's end. Once the name is free again the job is stored as usual."""
+    sim = Simulator(SimConfig(latency_s=0.3, latency_jitter_s=0.0, create_latency_s=1.5))
+    await sim.start()
+    sidecar = tmp_path / "outbox" / "blocked.json"
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(make_config(tmp_path, sim.base_url, brief_state_s=0.5)):
+                drop(tmp_path / "inbox", "blocked.prompt", "a blocked sidecar")
+                await until(sidecar.exists)  # queued
+                sidecar.unlink()
+                (sidecar / "in-the-way").mkdir(parents=True)
+                await until(lambda: any(e["event"] == "sidecar.brief_state_not_shown"
+                                        for e in logs))
+                shutil.rmtree(sidecar)
+                await until(finished(tmp_path / "outbox", 1))
+    finally:
+        await sim.stop()
+    warnings = [e for e in logs if e["event"] == "sidecar.brief_state_not_shown"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert "blocked.json" in warnings[0]["error"], warnings
+    assert sidecars(tmp_path / "outbox")["blocked"].state == "succeeded"
 
 
 async def test_a_slow_download_shows_its_progress_and_then_its_outcome(
