@@ -368,12 +368,12 @@ async def test_a_passing_states_failed_write_is_logged_and_the_job_goes_on(
     """The submitting state's sidecar cannot be written (a directory stands at its name
     while the create call is out): the failure is a warning in the log with the reason, not
     the job's end. Once the name is free again the job is stored as usual."""
-    sim = Simulator(SimConfig(latency_s=0.3, latency_jitter_s=0.0, create_latency_s=1.5))
+    sim = Simulator(SimConfig(latency_s=0.3, latency_jitter_s=0.0, create_latency_s=2.5))
     await sim.start()
     sidecar = tmp_path / "outbox" / "blocked.json"
     try:
         with structlog.testing.capture_logs() as logs:
-            async with running(make_config(tmp_path, sim.base_url, brief_state_s=0.5)):
+            async with running(make_config(tmp_path, sim.base_url, brief_state_s=1.0)):
                 drop(tmp_path / "inbox", "blocked.prompt", "a blocked sidecar")
                 await until(sidecar.exists)  # queued
                 sidecar.unlink()
