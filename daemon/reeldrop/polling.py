@@ -155,7 +155,7 @@ class FirstLook:
         length were each noticed as late as the first few of their kind found done were,
         whose cold looks were an interval apart (at the median done age, until 2026-11-27:
         2.4-5.2% of 15 s jobs dropped one at a time in five lag runs; at the low one
-        without probes, 1.4 and 3.1% in two; with them 0.1 and 1.0%, for about 0.2 polls a
+        without probes, 1.4 and 3.1% in two; with them 0.1-1.1% in three, for 0.1-0.3 polls a
         job more in the makespan benchmark). Not the extremes: ages count from when the
         daemon learned an operation's name, a little late under load.
 
