@@ -10,14 +10,14 @@ That rule alone costs about ``ln(T / poll_initial_s) / poll_fraction`` polls for
 duration) take similar times, so the first look at a new one is put off to the time by which
 nearly every recent one of its kind was still running (see ``FirstLook``).
 
-The same likeness cuts the lag. An operation found running looks once more where the last
-ones of its kind finished, if that comes before its own next look (``FirstLook.follow_s``):
-where their times are alike, those looks close in on the kind's time, and a job is noticed
-soon after it finishes, not up to an interval late. And an operation found done calls in every
-older one of its kind that is waiting for its next look (``Siblings``), and the first of a
-cold kind also the slightly younger ones. Those have run about as long as it needed or
-longer, so most are done too; a batch of jobs is then noticed at the first look that finds
-any of them done, not each at its own next look.
+The same likeness cuts the lag. An operation found running looks again (once or twice) where
+the last ones of its kind finished, if that comes before its own next look
+(``FirstLook.follow_s``): where their times are alike, those looks close in on the kind's
+time, and a job is noticed soon after it finishes, not up to an interval late. And an
+operation found done calls in every older one of its kind that is waiting for its next look
+(``Siblings``), and the first of a cold kind also the slightly younger ones. Those have run
+about as long as it needed or longer, so most are done too; a batch of jobs is then noticed
+at the first look that finds any of them done, not each at its own next look.
 
 Likeness also works the other way while a kind is still cold (nothing learned yet): an older
 operation just seen running says the younger ones are most likely running too. A younger one
