@@ -286,6 +286,38 @@ async def test_an_operation_looks_again_at_the_age_its_kind_was_lately_found_don
     assert sim.ops[op].polls == polls
 
 
+@pytest.mark.parametrize(("latency_s", "back_within_s", "polls"), [
+    (0.8, 2.0, 2),  # done before the probe (at 10.4 s): found there
+    (2.0, 3.9, 3),  # done between the probe and the low done age (12.2 s): found at the latter
+])
+async def test_a_probe_in_the_gap_comes_before_the_look_at_the_low_done_age(
+        tmp_path: Path, sim: Simulator, latency_s: float, back_within_s: float,
+        polls: int) -> None:
+    """The last 8 of a kind were found running at 8.6 s and done at 12.2 s: a gap of 3.6 s,
+    over half the interval (6.1 s at 12.2 s, poll_fraction 0.5). An operation of 9 s found
+    running looks again in the gap's middle (10.4 s) and, still running there, at 12.2 s,
+    instead of waiting its own next look (4.5 s on). Done before the probe, it is back
+    after two polls; done after it, after three, the low done age's look following."""
+    config = long_intervals(tmp_path, sim)
+    kind = kind_of(config.model, {})
+    async with aiohttp.ClientSession() as session:
+        generation = Generation(VeoClient(session, config), SubmitGate(1000, 10), config)
+        for _ in range(20):  # early estimates far below 9 s: the first look is at once
+            generation.first_look.finished(kind, running_at_s=0.0, done_at_s=1.0,
+                                           interval_s=1.0)
+        for _ in range(8):  # the last 8, whose looks the follow-ups come from
+            generation.first_look.finished(kind, running_at_s=8.6, done_at_s=12.2,
+                                           interval_s=6.1)
+        op = await generation.create(Member(prompt=f"probed [latency={latency_s}]",
+                                            model=config.model, parameters={},
+                                            output="probed"))
+        started = time.monotonic()
+        await asyncio.wait_for(generation.wait(op, age_s=9.0, kind=kind), 10)
+        took = time.monotonic() - started
+    assert took < back_within_s, took
+    assert sim.ops[op].polls == polls
+
+
 @pytest.mark.parametrize("skips", [3, 0])
 async def test_a_cold_kinds_younger_operations_skip_looks_while_an_older_one_runs(
         tmp_path: Path, sim: Simulator, skips: int) -> None:
