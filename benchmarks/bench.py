@@ -5,7 +5,9 @@
 
 The simulator runs in this process (its counters and event times are the clock); the daemon
 runs as a subprocess, so its peak RSS (VmHWM) and CPU (utime+stime) are its own. Times come
-from the simulator's events and the daemon's sidecars, never from eyeballing.
+from the simulator's events and the daemon's sidecars, never from eyeballing. The makespan
+run then replays the daemon's calls from a bare client (bare_client.py): the CPU those calls
+cost alone, against which the daemon's own work shows.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
     creates = sorted(t for t, kind, _ in sim.events if kind == "create")
     polls = [op.polls for op in sim.ops.values()]  # in the order of their create calls
     refills = [c - f for c, f in zip(creates[conc:], sorted(seen.values()), strict=False)]
-    return {"jobs": n, "concurrency": conc, "generation_s": gen, "ideal_s": ideal,
+    figures = {"jobs": n, "concurrency": conc, "generation_s": gen, "ideal_s": ideal,
             "makespan_s": round(makespan, 2), "ratio_to_ideal": round(makespan / ideal, 3),
             "daemon_cpu_s": round(cpu, 2), "cpu_ms_per_job": round(cpu / n * 1000, 2),
             # The reference: this process's CPU over the same run (the simulator answering
@@ -278,6 +280,35 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
             "first_create_s": round(creates[0] - start, 3),
             "first_round_created_s": round(creates[conc - 1] - start, 3),
             "target": "<= 1.05 x ideal; <= 5 ms CPU per job"}
+    bare = await bare_client(root / "bare", sim, polls, conc, gen)
+    ms, bare_ms = cpu / n * 1000, bare["bare_client_cpu_ms_per_job"]
+    return {**figures, **bare, "cpu_ratio_to_bare_client": round(ms / bare_ms, 2),
+            "own_work_cpu_ms_per_job": round(ms - bare_ms, 2)}  # beyond the calls themselves
+
+
+async def bare_client(out: Path, sim: Simulator, polls: list[int], conc: int,
+                      gen: float) -> dict[str, Any]:
+    """The same calls as the daemon made, from a bare aiohttp client (``bare_client.py``),
+    run right after it: what the calls cost without the daemon's own work. The simulator's
+    CPU over this run (it answers the same calls) tells whether the machine's speed moved
+    between the two."""
+    out.mkdir()
+    quiet_disk()
+    reference0, polls0 = time.process_time(), sim.stats["polls"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).with_name("bare_client.py")), sim.base_url, KEY,
+        str(out), str(conc), str(gen), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await proc.communicate(json.dumps(polls).encode())
+    reference = time.process_time() - reference0
+    if proc.returncode != 0:
+        raise RuntimeError(f"bare_client.py exited with {proc.returncode}")
+    cpu = json.loads(stdout)["cpu_s"]
+    return {"bare_client_cpu_ms_per_job": round(cpu / len(polls) * 1000, 2),
+            # As many as the daemon's, by construction; counted by the simulator to be sure.
+            "bare_client_polls_per_job": round((sim.stats["polls"] - polls0) / len(polls), 1),
+            "bare_client_simulator_cpu_s": round(reference, 2),
+            "bare_client_cpu_ratio_to_simulator": round(cpu / reference, 2)}
 
 
 LONE_SPREAD_S = 12.0  # more than the cold poll interval at any tested duration (180 s: 10.8 s)
