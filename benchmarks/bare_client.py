@@ -27,13 +27,15 @@ import aiohttp
 import msgspec
 import uvloop
 
+from reeldrop.config import Config
+from reeldrop.veo import open_session
+
 POLL_GAP_S = 0.15  # between the looks before an operation is done (before its age reaches it)
 
 
-async def job(session: aiohttp.ClientSession, gate: asyncio.Semaphore, base: str,
-              headers: dict[str, str], index: int, polls: int, out: str,
-              generation_s: float) -> None:
-    timeout = aiohttp.ClientTimeout(total=60, sock_connect=10)
+async def job(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout,
+              gate: asyncio.Semaphore, base: str, headers: dict[str, str], index: int,
+              polls: int, out: str, generation_s: float) -> None:
     async with gate:  # a slot covers create and polls; downloads hold none, as in the daemon
         body = msgspec.json.encode({"instances": [{"prompt": f"bare {index}"}],
                                     "parameters": {"sampleCount": 1}})
@@ -71,16 +73,17 @@ async def job(session: aiohttp.ClientSession, gate: asyncio.Semaphore, base: str
 async def main() -> None:
     base, key, out, concurrency, generation_s = sys.argv[1:6]
     polls: list[int] = msgspec.json.decode(sys.stdin.buffer.read())
-    conc = int(concurrency)
-    connector = aiohttp.TCPConnector(limit=2 * conc + 4, ttl_dns_cache=300)
-    async with aiohttp.ClientSession(connector=connector,
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
-        gate = asyncio.Semaphore(conc)
+    config = Config(concurrency=int(concurrency))  # the daemon's session and timeouts
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout_s,
+                                    sock_connect=config.connect_timeout_s)
+    async with open_session(config) as session:
+        gate = asyncio.Semaphore(config.concurrency)
         before = os.times()
         async with asyncio.TaskGroup() as tg:
             for i, count in enumerate(polls):
-                tg.create_task(job(session, gate, base.rstrip("/"), {"x-goog-api-key": key},
-                                   i, max(1, count), out, float(generation_s)))
+                tg.create_task(job(session, timeout, gate, base.rstrip("/"),
+                                   {"x-goog-api-key": key}, i, max(1, count), out,
+                                   float(generation_s)))
         after = os.times()
     cpu = (after.user - before.user) + (after.system - before.system)
     print(msgspec.json.encode({"cpu_s": round(cpu, 3), "jobs": len(polls)}).decode())

@@ -259,27 +259,27 @@ async def bench_makespan(root: Path, sim: Simulator, quick: bool) -> dict[str, A
     polls = [op.polls for op in sim.ops.values()]  # in the order of their create calls
     refills = [c - f for c, f in zip(creates[conc:], sorted(seen.values()), strict=False)]
     figures = {"jobs": n, "concurrency": conc, "generation_s": gen, "ideal_s": ideal,
-            "makespan_s": round(makespan, 2), "ratio_to_ideal": round(makespan / ideal, 3),
-            "daemon_cpu_s": round(cpu, 2), "cpu_ms_per_job": round(cpu / n * 1000, 2),
-            # The reference: this process's CPU over the same run (the simulator answering
-            # the same calls, every run). The machine's speed moves both; the ratio holds.
-            "simulator_cpu_s": round(reference, 2),
-            "cpu_ratio_to_simulator": round(cpu / reference, 2),
-            "user_ms_per_job": round((user1 - user0) / n * 1000, 2),
-            "sys_ms_per_job": round((sys1 - sys0) / n * 1000, 2),
-            # Everything the machine did meanwhile, the simulator and the kernel's threads
-            # included: work the daemon hands to the kernel (a syncfs's writeback runs in a
-            # kernel thread, an fsync's in the caller) still shows here.
-            "machine_cpu_ms_per_job": round(machine_cpu / n * 1000, 2),
-            "peak_rss_mb": round(rss, 1), "polls_per_job": round(sim.stats["polls"] / n, 1),
-            "polls_per_job_first_round": round(statistics.mean(polls[:conc]), 1),
-            "polls_per_job_later": round(statistics.mean(polls[conc:]), 1),
-            "median_notice_s": round(statistics.median(notices), 3),
-            "median_lag_s": round(statistics.median(lags), 3),
-            "median_refill_s": round(statistics.median(refills), 3),
-            "first_create_s": round(creates[0] - start, 3),
-            "first_round_created_s": round(creates[conc - 1] - start, 3),
-            "target": "<= 1.05 x ideal; <= 5 ms CPU per job"}
+               "makespan_s": round(makespan, 2), "ratio_to_ideal": round(makespan / ideal, 3),
+               "daemon_cpu_s": round(cpu, 2), "cpu_ms_per_job": round(cpu / n * 1000, 2),
+               # The reference: this process's CPU over the same run (the simulator answering
+               # the same calls, every run). The machine's speed moves both; the ratio holds.
+               "simulator_cpu_s": round(reference, 2),
+               "cpu_ratio_to_simulator": round(cpu / reference, 2),
+               "user_ms_per_job": round((user1 - user0) / n * 1000, 2),
+               "sys_ms_per_job": round((sys1 - sys0) / n * 1000, 2),
+               # Everything the machine did meanwhile, the simulator and the kernel's threads
+               # included: work the daemon hands to the kernel (a syncfs's writeback runs in a
+               # kernel thread, an fsync's in the caller) still shows here.
+               "machine_cpu_ms_per_job": round(machine_cpu / n * 1000, 2),
+               "peak_rss_mb": round(rss, 1), "polls_per_job": round(sim.stats["polls"] / n, 1),
+               "polls_per_job_first_round": round(statistics.mean(polls[:conc]), 1),
+               "polls_per_job_later": round(statistics.mean(polls[conc:]), 1),
+               "median_notice_s": round(statistics.median(notices), 3),
+               "median_lag_s": round(statistics.median(lags), 3),
+               "median_refill_s": round(statistics.median(refills), 3),
+               "first_create_s": round(creates[0] - start, 3),
+               "first_round_created_s": round(creates[conc - 1] - start, 3),
+               "target": "<= 1.05 x ideal; <= 5 ms CPU per job"}
     bare = await bare_client(root / "bare", sim, polls, conc, gen)
     ms, bare_ms = cpu / n * 1000, bare["bare_client_cpu_ms_per_job"]
     return {**figures, **bare, "cpu_ratio_to_bare_client": round(ms / bare_ms, 2),

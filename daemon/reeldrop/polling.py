@@ -145,19 +145,20 @@ class FirstLook:
 
         Each finished operation brackets its kind's time: it was running at the last look
         that found it running and done at the next. Where a kind's times are alike, the
-        brackets agree: the ages found running stay below the ages found done. Then the
-        look comes at a low age found done (the ``FOLLOW_SIDE``-th from the bottom), just
-        after the kind's time; while the gap down to a high age found running (as far from
-        the top) is over ``PROBE_OVER`` of an interval, a look in its middle comes first. A
-        probe that finds the operation done narrows the gap from above; one that finds it
-        running narrows it from below, costs a poll, and the look at the low done age
-        follows. So the looks close in on the kind's time. Without probes, jobs of one
-        length were each noticed as late as the first few of their kind found done were,
-        whose cold looks were an interval apart (at the median done age, until 2026-11-27:
-        2.4-5.2% of 15 s jobs dropped one at a time in five lag runs; at the low one
-        without probes, 1.4 and 3.1% in two; with them 0.1-1.1% in three, for 0.1-0.3 polls a
-        job more in the makespan benchmark). Not the extremes: ages count from when the
-        daemon learned an operation's name, a little late under load.
+        brackets agree: the ages found running stay below the ages found done. Then the look
+        comes at a low age found done (just past the lowest quarter, ``FOLLOW_SIDE``: the
+        second-lowest of eight), just after the kind's time; while the gap down to a high
+        age found running (as far from the top) is over ``PROBE_OVER`` of an interval, a
+        look in its middle comes first. A probe that finds the operation done narrows the
+        gap from above; one that finds it running narrows it from below, costs a poll, and
+        the look at the low done age follows. So the looks close in on the kind's time.
+        Without probes, jobs of one length were each noticed as late as the first few of
+        their kind found done were, whose cold looks were an interval apart (at the median
+        done age, until 2026-11-27: 2.4-5.2% of 15 s jobs dropped one at a time in five lag
+        runs; at the low one without probes, 1.4 and 3.1% in two; with them 0.1-1.1% in
+        three, for 0.1-0.3 polls a job more in the makespan benchmark). Not the extremes:
+        ages count from when the daemon learned an operation's name, a little late under
+        load.
 
         Where times vary, the brackets do not agree (the ones found running late are above
         the ones found done early): the look comes at the median done age, where about half
