@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from typing import Any
 from urllib.parse import urljoin
 
@@ -31,6 +32,10 @@ from reeldrop.config import Config
 from reeldrop.veo import open_session
 
 POLL_GAP_S = 0.15  # between the looks before an operation is done (before its age reaches it)
+# The last look comes this long after the generation time: the operation started at the
+# simulator a little before its name came back, but uvloop's clock is cached per loop pass
+# and its timers round to the millisecond, so a look at exactly that age could come early.
+LAST_LOOK_AFTER_S = 0.05
 
 
 async def job(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout,
@@ -43,13 +48,13 @@ async def job(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout,
         async with session.post(url, data=body, timeout=timeout,
                                 headers={**headers, "Content-Type": "application/json"}) as r:
             name = msgspec.json.decode(await r.read())["name"]
-        born = asyncio.get_running_loop().time()
+        born = time.monotonic()
         # Looks at ages the operation has not reached (it started before its name came back),
-        # then one at its generation time, which finds it done: ``polls`` calls in all.
+        # then one just past its generation time, which finds it done: ``polls`` calls in all.
         ages = [generation_s - POLL_GAP_S * k for k in range(polls - 1, 0, -1)]
         op: dict[str, Any] = {}
-        for age in [*ages, generation_s]:
-            await asyncio.sleep(max(0.0, born + age - asyncio.get_running_loop().time()))
+        for age in [*ages, generation_s + LAST_LOOK_AFTER_S]:
+            await asyncio.sleep(max(0.0, born + age - time.monotonic()))
             async with session.get(f"{base}/{name}", timeout=timeout,
                                    headers={**headers, "Content-Type": "application/json"}) as r:
                 op = msgspec.json.decode(await r.read())
