@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from reeldrop import watcher
+from reeldrop.intake import BATCH_SYNC_FROM, Intake
 from reeldrop.simulator import SimConfig, Simulator
+from reeldrop.spool import Spool
 from reeldrop.watcher import InboxScanner
 
 from .support import drop, finished, kept, make_config, running, sidecars, until
@@ -37,6 +39,32 @@ def test_hidden_temporary_and_other_names_are_left_alone(tmp_path: Path) -> None
     (tmp_path / "dir.json").mkdir()
     assert InboxScanner(tmp_path, settle_s=0, max_bytes=1 << 20).scan().ready == []
 
+
+
+def test_batches_sharing_a_listing_know_the_names_the_earlier_ones_took(
+        tmp_path: Path) -> None:
+    """A pass's big batches share one listing of the outbox for a second
+    (``LISTING_FRESH_S``), with the sidecars they publish added: a valid file in the second
+    batch takes over the name of an invalid one the first batch failed (no video: the name
+    is free again), as it does across passes, instead of moving on to NAME.2."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1beta")
+    inbox, outbox = config.require_dirs()
+    spool = Spool(config.spool, inbox, outbox, config.file_mode, config.dir_mode)
+    spool.prepare()
+    intake = Intake(config, spool)
+
+    def batch(prefix: str, last: str, data: str) -> list[Path]:
+        return ([drop(inbox, f"{prefix}{i:02d}.prompt", "a prompt")
+                 for i in range(BATCH_SYNC_FROM - 1)] + [drop(inbox, last, data)])
+
+    first = intake.take(batch("a", "clip.json", '{"prompt": "x", "colour": 1}'))
+    assert not first.durable  # a big batch: names looked up in a listing
+    assert sidecars(outbox)["clip"].state == "failed"
+    intake.take(batch("b", "clip.prompt", "a valid clip"))
+    docs = sidecars(outbox)
+    assert docs["clip"].prompt == "a valid clip"
+    assert docs["clip"].state == "queued"
+    assert "clip.2" not in docs
 
 async def test_a_burst_into_a_quiet_inbox_is_reported_while_it_lands(tmp_path: Path) -> None:
     """In a quiet inbox (watched with the idle step, here 200 ms) a stream of new files is
