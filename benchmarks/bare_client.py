@@ -29,7 +29,7 @@ import msgspec
 import uvloop
 
 from reeldrop.config import Config
-from reeldrop.veo import open_session
+from reeldrop.veo import VeoClient, open_session
 
 POLL_GAP_S = 0.15  # between the looks before an operation is done (before its age reaches it)
 # The last look comes this long after the generation time: the operation started at the
@@ -38,9 +38,10 @@ POLL_GAP_S = 0.15  # between the looks before an operation is done (before its a
 LAST_LOOK_AFTER_S = 0.05
 
 
-async def job(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout,
-              gate: asyncio.Semaphore, base: str, headers: dict[str, str], index: int,
-              polls: int, out: str, generation_s: float) -> None:
+async def job(session: aiohttp.ClientSession, client: VeoClient, gate: asyncio.Semaphore,
+              base: str, headers: dict[str, str], index: int, polls: int, out: str,
+              generation_s: float) -> None:
+    timeout = client.request_timeout
     async with gate:  # a slot covers create and polls; downloads hold none, as in the daemon
         body = msgspec.json.encode({"instances": [{"prompt": f"bare {index}"}],
                                     "parameters": {"sampleCount": 1}})
@@ -62,10 +63,11 @@ async def job(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout,
     uri = op["response"]["generateVideoResponse"]["generatedSamples"][0]["video"]["uri"]
     file_id = uri.split("/files/")[1].split(":")[0]
     url = f"{base}/files/{file_id}:download?alt=media"
-    r = await session.get(url, headers=headers, allow_redirects=False, timeout=timeout)
+    r = await session.get(url, headers=headers, allow_redirects=False,
+                          timeout=client.download_timeout)
     url = urljoin(url, r.headers["Location"])
     r.release()
-    r = await session.get(url, timeout=timeout)
+    r = await session.get(url, timeout=client.download_timeout)
     fd = os.open(os.path.join(out, f"{index}.mp4"), os.O_WRONLY | os.O_CREAT, 0o640)
     try:
         async for chunk in r.content.iter_chunked(1 << 20):
@@ -78,15 +80,14 @@ async def job(session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout,
 async def main() -> None:
     base, key, out, concurrency, generation_s = sys.argv[1:6]
     polls: list[int] = msgspec.json.decode(sys.stdin.buffer.read())
-    config = Config(concurrency=int(concurrency))  # the daemon's session and timeouts
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout_s,
-                                    sock_connect=config.connect_timeout_s)
-    async with open_session(config) as session:
+    config = Config(concurrency=int(concurrency))
+    async with open_session(config) as session:  # the daemon's session, and its timeouts:
+        client = VeoClient(session, config)  # its calls themselves are written out below
         gate = asyncio.Semaphore(config.concurrency)
         before = os.times()
         async with asyncio.TaskGroup() as tg:
             for i, count in enumerate(polls):
-                tg.create_task(job(session, timeout, gate, base.rstrip("/"),
+                tg.create_task(job(session, client, gate, base.rstrip("/"),
                                    {"x-goog-api-key": key}, i, max(1, count), out,
                                    float(generation_s)))
         after = os.times()

@@ -121,7 +121,8 @@ class DaemonProcess:
         for name, value in settings.items():
             args += ["--" + name.replace("_", "-"), str(value)]
         env = {**daemon_env(), **(env or {})}
-        self.log = (root / "daemon.log").open("wb")
+        self.log_path = root / "daemon.log"
+        self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def cpu_s(self) -> float:
@@ -153,8 +154,7 @@ class DaemonProcess:
         spool appeared, which left the rest of the start-up a second to finish: it takes
         about 0.25 s here, so the windows begin about when they did, but a start-up slowed
         past that second would no longer be measured as the benchmark's work."""
-        log = self.root / "daemon.log"
-        while b'"daemon.ready"' not in log.read_bytes():
+        while b'"daemon.ready"' not in self.log_path.read_bytes():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited with {self.proc.returncode}")
             await asyncio.sleep(0.05)

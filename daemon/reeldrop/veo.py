@@ -129,7 +129,7 @@ class VeoClient:
         self._host = urlsplit(self.base_url).netloc
         self._prefix = self.base_url + "/"  # URLs under the base URL: the key's own host
         self._key: Secret | None = config.api_key
-        self._timeout = aiohttp.ClientTimeout(
+        self.request_timeout = aiohttp.ClientTimeout(
             total=config.request_timeout_s, sock_connect=config.connect_timeout_s
         )
         self.download_timeout = aiohttp.ClientTimeout(
@@ -162,7 +162,7 @@ class VeoClient:
         headers = {**self._headers(url), "Content-Type": "application/json"}
         try:
             async with self.session.request(
-                method, url, data=body, headers=headers, timeout=self._timeout
+                method, url, data=body, headers=headers, timeout=self.request_timeout
             ) as resp:
                 data = await resp.read()
                 if resp.status != 200:
