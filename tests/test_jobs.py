@@ -90,6 +90,14 @@ def test_non_utf8_and_empty_files_are_refused() -> None:
     assert "empty" in refuse("a.json", b"  \n")
 
 
+def test_a_prompt_file_with_a_byte_order_mark_is_read_and_its_bad_byte_named() -> None:
+    """A UTF-8 byte order mark is not part of the prompt, and a bad byte after one is named
+    with its offset in the file (the mark counted), not an offset into the rest."""
+    assert parse("a.prompt", b"\xef\xbb\xbfa fox", CONFIG)[0].prompt == "a fox"
+    assert "byte 0xff at offset 6" in refuse("a.prompt", b"\xef\xbb\xbfhi \xff")
+    assert "byte 0xe9 at offset 3" in refuse("a.prompt", b"caf\xe9")
+
+
 def test_prompt_length_and_array_size_caps() -> None:
     """Prompts over max_prompt_chars and arrays over max_array_jobs are refused, not crashed on."""
     small = load(environ={}, flags={"max_prompt_chars": 10, "max_array_jobs": 3})

@@ -8,6 +8,7 @@ table in the config, so a new model needs no code change).
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import unicodedata
@@ -108,11 +109,13 @@ def parse(source: str, data: bytes, config: Config) -> list[Member]:
     if not data.strip():
         raise InvalidJob(f"{source} is empty; write a prompt (or a JSON job) into it.")
     if source.endswith(".prompt"):
+        body = data.removeprefix(codecs.BOM_UTF8)  # utf-8-sig's codec is Python code
         try:
-            text = data.decode("utf-8-sig")
+            text = body.decode()
         except UnicodeDecodeError as e:
+            at = e.start + len(data) - len(body)
             raise InvalidJob(
-                f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                f"{source} is not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); "
                 "save it as UTF-8."
             ) from None
         requests = [VideoRequest(prompt=text.strip())]
@@ -186,8 +189,10 @@ def resolve(req: VideoRequest, config: Config, *, default_output: str, where: st
     params: dict[str, Any] = {}
     for name in OPTION_NAMES:
         value = getattr(req, name)
-        params[name] = value if value is not None else getattr(config, name)
-    params = {k: v for k, v in params.items() if v is not None}
+        if value is None:
+            value = getattr(config, name)
+        if value is not None:
+            params[name] = value
     _check_caps(model, params, caps, where)
     output = (check_output_name(req.output, field=f"{where}.output")
               if req.output is not None else default_output)
@@ -213,13 +218,14 @@ def _check_caps(model: str, params: dict[str, Any], caps: ModelCaps, where: str)
     if resolution is not None and resolution not in resolutions:
         raise refuse("resolution", resolution, list(resolutions))
     duration = params.get("duration_seconds")
-    all_durations = sorted({d for ds in resolutions.values() for d in ds})
-    if duration is not None and duration not in all_durations:
-        raise refuse("duration_seconds", duration, all_durations)
-    if duration is not None:
-        res = resolution or next(iter(resolutions))
-        if duration not in resolutions[res]:
-            allowed = ", ".join(map(str, resolutions[res]))
-            prefix = "" if where == "$" else f"{where}: "
-            raise InvalidJob(f"{prefix}{model} makes {res} videos only {allowed} seconds long, "
-                             f"not {duration}; change duration_seconds or resolution.")
+    if duration is None:
+        return
+    res = resolution or next(iter(resolutions))
+    if duration not in resolutions[res]:  # the usual case passes without the list below
+        all_durations = sorted({d for ds in resolutions.values() for d in ds})
+        if duration not in all_durations:
+            raise refuse("duration_seconds", duration, all_durations)
+        allowed = ", ".join(map(str, resolutions[res]))
+        prefix = "" if where == "$" else f"{where}: "
+        raise InvalidJob(f"{prefix}{model} makes {res} videos only {allowed} seconds long, "
+                         f"not {duration}; change duration_seconds or resolution.")
