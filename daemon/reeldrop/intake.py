@@ -133,7 +133,8 @@ class Intake:
         except Exception:  # e.g. the outbox is gone: keep the claim for a restart
             logger.exception("intake.accept_failed", job_id=run.job_id, source=run.source)
             return None
-        report_archived(run, self.spool.archive_if_done(run))
+        if run.all_done:  # only an invalid file's job is finished already
+            report_archived(run, self.spool.archive_if_done(run))
         return run
 
     @contextlib.contextmanager

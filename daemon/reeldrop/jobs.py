@@ -9,7 +9,6 @@ table in the config, so a new model needs no code change).
 from __future__ import annotations
 
 import codecs
-import os
 import re
 import unicodedata
 from typing import Annotated, Any
@@ -99,7 +98,8 @@ def check_output_name(name: str, *, field: str = "output") -> str:
 def default_stem(source: str) -> str:
     """The output stem a job file gets when it names none: its own stem, made safe."""
     try:
-        return check_output_name(os.path.splitext(source)[0], field="the job file's name")
+        stem, dot, _ = source.rpartition(".")  # a job file's name has its suffix
+        return check_output_name(stem if dot else source, field="the job file's name")
     except InvalidJob:
         return "job"
 

@@ -107,7 +107,7 @@ def encode(doc: msgspec.Struct) -> bytes:
 
 
 def path_for(outbox: Path, output: str) -> str:
-    return os.path.join(outbox, f"{output}.json")
+    return f"{outbox}/{output}.json"  # as spool_files.job_file: every state change builds one
 
 
 def _read_bytes(path: str | Path, max_bytes: int) -> bytes | None:

@@ -42,10 +42,10 @@ def record_name(index: int) -> str:
     return f"{MEMBER_PREFIX}{index:04d}{RECORD_SUFFIX}"
 
 
-def job_file(area: str | Path, job_id: str, name: str) -> str:
+def job_file(area: Path, job_id: str, name: str) -> str:
     """One of a job's files in an area: ``AREA/<job_id>.NAME`` (a string: claims and state
-    writes build one per call)."""
-    return os.path.join(area, f"{job_id}.{name}")
+    writes build one per call; formatted, not ``os.path.join``: a tenth of its time)."""
+    return f"{area}/{job_id}.{name}"
 
 
 @dataclass
