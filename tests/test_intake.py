@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from reeldrop import watcher
-from reeldrop.intake import BATCH_SYNC_FROM, Intake
+from reeldrop.daemon import INTAKE_BATCH, Daemon
+from reeldrop.intake import BATCH_SYNC_FROM, Intake, Taken
 from reeldrop.simulator import SimConfig, Simulator
 from reeldrop.spool import Spool
 from reeldrop.watcher import InboxScanner
@@ -162,6 +163,49 @@ async def test_a_named_pipe_is_refused_without_blocking_the_daemon(
     assert docs["pipe"].error.message == "pipe.prompt is not a regular file."
     assert "pipe.prompt" in kept(inbox / ".reeldrop" / "failed")
     assert sim.stats["submissions"] == 1
+
+
+async def test_a_big_pass_runs_unwatched_and_files_landing_meanwhile_are_taken_after_it(
+        tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass of many files runs with the inbox watch off (each claim would wake the
+    watcher's thread), and the watch is back after it. Files that land while it is off are
+    found by the look that follows the pass, not at the next rescan an hour later."""
+    inbox, outbox, staging = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "staging"
+    # Alone at start, and empty: it fails at once, so no worker takes a job and wakes the
+    # intake (as any does) before the backlog's pass.
+    os.utime(drop(inbox, "first.prompt", ""), ns=(0, 0))
+    staging.mkdir()
+    for i in range(INTAKE_BATCH + 50):  # complete files (written, then renamed in)
+        (staging / f"b{i:03d}.prompt").write_text(f"backlog {i}")
+        os.utime(staging / f"b{i:03d}.prompt", ns=(0, i))
+    daemon = Daemon(make_config(tmp_path, sim.base_url, rescan_s=3600))
+    take = daemon.intake.take
+    watched: dict[str, list[bool]] = {"first": [], "b": [], "late": [], "next": []}
+
+    def take_and_drop(paths: list[Path]) -> Taken:  # in the intake thread
+        states = watched[paths[0].stem.rstrip("0123456789")]  # one kind of file a pass
+        states.append(daemon.inbox_watch.on)
+        if states is watched["first"]:  # the first pass: a backlog lands, unwatched
+            for path in staging.iterdir():
+                path.rename(inbox / path.name)
+        if states is watched["b"] and len(states) == 2:  # in the backlog's pass: one more
+            drop(inbox, "late.prompt", "landed while the pass ran")
+        return take(paths)
+
+    monkeypatch.setattr(daemon.intake, "take", take_and_drop)
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await until((outbox / "late.json").exists, timeout=15, what="late.json")
+        await until(lambda: daemon.inbox_watch.on, timeout=5, what="the watch back")
+        drop(inbox, "next.prompt", "after the pass")
+        await until((outbox / "next.json").exists, timeout=5, what="next.json")
+    finally:
+        daemon.should_exit.set()
+        await asyncio.wait_for(serving, 30)
+    assert watched["first"] == [False]  # no watch before the first pass
+    assert len(watched["b"]) > 2 and not any(watched["b"])  # the watch off in a big pass
+    assert watched["late"] == watched["next"] == [True]  # and back after it
+    assert len(sidecars(outbox)) == INTAKE_BATCH + 53
 
 
 async def test_a_burst_of_files_is_taken_completely(tmp_path: Path, sim: Simulator) -> None:

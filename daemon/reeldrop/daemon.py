@@ -64,7 +64,7 @@ class Daemon:
         self.restart = False  # once stopped: start again with the configuration just checked
         self.ready = asyncio.Event()
         self.wake = asyncio.Event()
-        self.stop_watching = asyncio.Event()
+        self.inbox_watch = watcher.InboxWatch(inbox, self.wake, config)
         self.intake_thread = ThreadPoolExecutor(1, thread_name_prefix="reeldrop-intake")
         self.download_slots = asyncio.Semaphore(config.downloads)
         self.delivering: set[asyncio.Task[None]] = set()  # downloads, each in its own task
@@ -81,9 +81,7 @@ class Daemon:
                 async with asyncio.TaskGroup() as tg:
                     self.group = tg
                     heartbeat = tg.create_task(self.notifier.heartbeat(self.summary))
-                    helpers = [tg.create_task(self.watch())]
-                    await asyncio.sleep(0.05)  # let awatch set up before the first scan
-                    helpers.append(tg.create_task(self.intake_loop()))
+                    helpers = [tg.create_task(self.intake_loop())]  # it starts the watch
                     await self.ready.wait()  # the first pass: files waiting are claimed first
                     self.runner = await self.start_runner(closing)
                     learned = LearnedFile(self.runner.generation.first_look,
@@ -171,7 +169,7 @@ class Daemon:
                        helpers: list[asyncio.Task[None]]) -> None:
         if not self.restart:
             self.notifier.send("STOPPING=1")
-        self.stop_watching.set()
+        self.inbox_watch.stop(cancel=True)
         for task in helpers:
             task.cancel()
         critical = self.runner.critical
@@ -279,6 +277,8 @@ class Daemon:
             scan = await self.in_intake_thread(self.scanner.scan)
             room = self.config.queue_max - self.queue.qsize()
             ready = scan.ready[:max(0, room)]
+            if len(ready) >= INTAKE_BATCH:
+                self.inbox_watch.stop()  # back after the pass (see watcher.InboxWatch)
             start, size = 0, INTAKE_FIRST
             syncing: asyncio.Task[None] | None = None  # the last big batch, until durable
             try:
@@ -296,6 +296,10 @@ class Daemon:
                 if syncing is not None:
                     syncing.cancel()  # shutdown: its jobs are claimed; a restart takes them
             self.ready.set()
+            if not self.inbox_watch.on and not self.should_exit.is_set():
+                self.inbox_watch.start(self.group)  # the first pass's end, or a big one's
+                await asyncio.sleep(watcher.WATCH_SETUP_S)
+                continue  # and look again: files may have landed unwatched
             # Not asyncio.wait_for: on 3.11 it swallows a cancellation that lands as the wake-up
             # does, and the loop would outlive shutdown (the daemon hung on SIGTERM).
             with contextlib.suppress(TimeoutError):
@@ -325,13 +329,6 @@ class Daemon:
         """Intake's blocking work runs on its own thread, not in the shared pool, where it
         would queue behind the state writes of the jobs it has just started."""
         return await asyncio.get_running_loop().run_in_executor(self.intake_thread, fn, *args)
-
-    async def watch(self) -> None:
-        await watcher.pump(
-            self.spool.inbox, self.wake, self.stop_watching, rescan_s=self.config.rescan_s,
-            step_ms=self.config.watch_step_ms, idle_step_ms=self.config.watch_idle_step_ms,
-            busy_s=self.config.watch_busy_s, force_polling=self.config.poll,
-            poll_delay_ms=self.config.poll_delay_ms)
 
     def summary(self) -> str:
         c = self.counts
