@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from reeldrop import watcher
@@ -206,6 +207,36 @@ async def test_a_big_pass_runs_unwatched_and_files_landing_meanwhile_are_taken_a
     assert len(watched["b"]) > 2 and not any(watched["b"])  # the watch off in a big pass
     assert watched["late"] == watched["next"] == [True]  # and back after it
     assert len(sidecars(outbox)) == INTAKE_BATCH + 53
+
+
+async def test_a_pass_cut_short_by_queue_max_does_not_scan_the_inbox_again_at_once(
+        tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a big pass that queue_max cut short, the intake does not look at the inbox
+    again at once, as it does after a big pass that took everything: the files left behind
+    are taken when a worker makes room, and an inbox of 100,000 files would be read twice
+    per refill. The workers here stay busy (hour-long operations), so nothing makes room."""
+    sim.config = msgspec.structs.replace(sim.config, latency_s=3600.0)
+    inbox = tmp_path / "inbox"
+    for i in range(2 * INTAKE_BATCH):
+        os.utime(drop(inbox, f"b{i:03d}.prompt", f"backlog {i}"), ns=(0, i))
+    daemon = Daemon(make_config(tmp_path, sim.base_url, queue_max=INTAKE_BATCH, rescan_s=3600))
+    scan, scans = daemon.scanner.scan, 0
+
+    def counted_scan() -> watcher.Scan:
+        nonlocal scans
+        scans += 1
+        return scan()
+
+    monkeypatch.setattr(daemon.scanner, "scan", counted_scan)
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await until(lambda: daemon.inbox_watch.on, timeout=10, what="the watch on")
+        await asyncio.sleep(0.5)
+        assert scans == 1
+        assert sum(p.suffix == ".prompt" for p in inbox.iterdir()) == INTAKE_BATCH
+    finally:
+        daemon.should_exit.set()
+        await asyncio.wait_for(serving, 30)
 
 
 async def test_a_burst_of_files_is_taken_completely(tmp_path: Path, sim: Simulator) -> None:

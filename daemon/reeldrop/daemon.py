@@ -298,8 +298,12 @@ class Daemon:
             self.ready.set()
             if not self.inbox_watch.on and not self.should_exit.is_set():
                 self.inbox_watch.start(self.group)  # the first pass's end, or a big one's
-                await asyncio.sleep(watcher.WATCH_SETUP_S)
-                continue  # and look again: files may have landed unwatched
+                # Look again for files that landed unwatched; unless queue_max held files
+                # back: the next look comes with room for them (an inbox of 100,000 files
+                # would be read twice a refill).
+                if len(ready) == len(scan.ready):
+                    await asyncio.sleep(watcher.WATCH_SETUP_S)
+                    continue
             # Not asyncio.wait_for: on 3.11 it swallows a cancellation that lands as the wake-up
             # does, and the loop would outlive shutdown (the daemon hung on SIGTERM).
             with contextlib.suppress(TimeoutError):
