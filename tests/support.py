@@ -70,9 +70,10 @@ def make_config(tmp_path: Path, base_url: str, **overrides: Any) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Daemon]:
-    """A daemon serving in this event loop until the block ends."""
-    daemon = Daemon(config)
+async def running(config: Config | Daemon) -> AsyncIterator[Daemon]:
+    """A daemon serving in this event loop until the block ends (given built, when a test
+    must reach into it before it starts)."""
+    daemon = config if isinstance(config, Daemon) else Daemon(config)
     task = asyncio.create_task(daemon.serve())
     try:
         await asyncio.wait_for(daemon.ready.wait(), 10)

@@ -194,15 +194,11 @@ async def test_a_big_pass_runs_unwatched_and_files_landing_meanwhile_are_taken_a
         return take(paths)
 
     monkeypatch.setattr(daemon.intake, "take", take_and_drop)
-    serving = asyncio.create_task(daemon.serve())
-    try:
+    async with running(daemon):
         await until((outbox / "late.json").exists, timeout=15, what="late.json")
         await until(lambda: daemon.inbox_watch.on, timeout=5, what="the watch back")
         drop(inbox, "next.prompt", "after the pass")
         await until((outbox / "next.json").exists, timeout=5, what="next.json")
-    finally:
-        daemon.should_exit.set()
-        await asyncio.wait_for(serving, 30)
     assert watched["first"] == [False]  # no watch before the first pass
     assert len(watched["b"]) > 2 and not any(watched["b"])  # the watch off in a big pass
     assert watched["late"] == watched["next"] == [True]  # and back after it
@@ -228,15 +224,11 @@ async def test_a_pass_cut_short_by_queue_max_does_not_scan_the_inbox_again_at_on
         return scan()
 
     monkeypatch.setattr(daemon.scanner, "scan", counted_scan)
-    serving = asyncio.create_task(daemon.serve())
-    try:
+    async with running(daemon):
         await until(lambda: daemon.inbox_watch.on, timeout=10, what="the watch on")
         await asyncio.sleep(0.5)
         assert scans == 1
         assert sum(p.suffix == ".prompt" for p in inbox.iterdir()) == INTAKE_BATCH
-    finally:
-        daemon.should_exit.set()
-        await asyncio.wait_for(serving, 30)
 
 
 async def test_a_burst_of_files_is_taken_completely(tmp_path: Path, sim: Simulator) -> None:
